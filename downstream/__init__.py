@@ -1,0 +1,1 @@
+"""Downstream evaluation (fine-tuning, probing, dense prediction); filled in by later work."""

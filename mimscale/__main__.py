@@ -1,0 +1,5 @@
+import sys
+
+from mimscale.cli import main
+
+sys.exit(main())

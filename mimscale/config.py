@@ -1,0 +1,349 @@
+"""One typed config tree, built from a YAML recipe plus ``key=value`` overrides.
+
+Dataclasses define every key, its type, its default and its valid range (in field metadata).
+Loading is strict: an unknown key, a value of the wrong type or an impossible value raises
+:class:`ConfigError` naming the key and what is valid, before any work starts. A recipe may name
+another recipe as its ``base`` and override only what differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key, type or value that cannot work; the message names the key and the fix."""
+
+
+def _opt(default, doc: str = "", **rules):
+    """A dataclass field with a docstring and validation rules (choices, gt, ge, lt, le)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=dict(doc=doc, **rules))
+    return field(default=default, metadata=dict(doc=doc, **rules))
+
+
+@dataclass
+class ModelConfig:
+    name: str = _opt("mae_vit_base_patch16", "encoder/decoder preset, see `build_mae`")
+    img_size: int = _opt(224, "input resolution in pixels", gt=0)
+    patch_size: Optional[int] = _opt(None, "patch size; null keeps the preset's", gt=0)
+    decoder_embed_dim: int = _opt(512, "MAE decoder width", gt=0)
+    decoder_depth: int = _opt(8, "MAE decoder blocks", ge=1)
+    decoder_num_heads: int = _opt(16, "MAE decoder heads", ge=1)
+    drop_path: float = _opt(0.0, "stochastic depth rate of the encoder", ge=0, lt=1)
+
+
+@dataclass
+class DataConfig:
+    source: str = _opt("imagefolder", "where images come from", choices=("imagefolder", "synthetic"))
+    root: Optional[str] = _opt(None, "ImageFolder root (its `train/` split is used if present)")
+    batch_size: int = _opt(64, "images per process per micro-step", gt=0)
+    num_workers: int = _opt(8, "data loader worker processes", ge=0)
+    crop_scale: tuple[float, float] = _opt((0.2, 1.0), "RandomResizedCrop area range [MAE]")
+    hflip: bool = _opt(True, "random horizontal flip [MAE]")
+    synthetic_images: int = _opt(2048, "images generated when source=synthetic", gt=0)
+    synthetic_size: int = _opt(64, "side of generated images when source=synthetic", gt=0)
+
+
+@dataclass
+class MaskingConfig:
+    strategy: str = _opt("random", "how patches are chosen for hiding", choices=("random",))
+    ratio: float = _opt(0.75, "fraction of patches hidden [MAE]", gt=0, lt=1)
+
+
+@dataclass
+class TeacherConfig:
+    type: str = _opt("none", "score-producing teacher; the MAE baseline needs none", choices=("none",))
+
+
+@dataclass
+class ObjectivesConfig:
+    norm_pix_loss: bool = _opt(True, "per-patch normalised pixel targets [MAE]")
+    pixel_weight: float = _opt(1.0, "weight of the pixel reconstruction loss", ge=0)
+
+
+@dataclass
+class OptimConfig:
+    blr: float = _opt(1.5e-4, "base lr; lr = blr * effective_batch / 256 [MAE]", gt=0)
+    lr: Optional[float] = _opt(None, "absolute lr; overrides blr when set", gt=0)
+    min_lr: float = _opt(0.0, "floor of the cosine schedule", ge=0)
+    weight_decay: float = _opt(0.05, "AdamW weight decay (not on norms, biases, tokens)", ge=0)
+    betas: tuple[float, float] = _opt((0.9, 0.95), "AdamW betas [MAE]")
+    clip_grad: Optional[float] = _opt(None, "max gradient norm; null disables clipping", gt=0)
+    accum_steps: int = _opt(1, "micro-steps per optimizer step", ge=1)
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = _opt(800, "training length in epochs", ge=1)
+    max_steps: Optional[int] = _opt(None, "optimizer steps; overrides epochs when set", ge=1)
+    warmup_epochs: float = _opt(40.0, "linear warmup length in epochs", ge=0)
+    warmup_steps: Optional[int] = _opt(None, "warmup in steps; overrides warmup_epochs", ge=0)
+
+
+@dataclass
+class EngineConfig:
+    backend: str = _opt("ddp", "parallelism backend (single process or DDP)", choices=("ddp",))
+    device: str = _opt("auto", "compute device", choices=("auto", "cpu", "cuda"))
+    precision: str = _opt("bf16", "autocast dtype; params and losses stay fp32", choices=("bf16", "fp32"))
+    seed: int = _opt(0, "seed of data order, augmentation, masks and init", ge=0)
+    threads: Optional[int] = _opt(None, "torch intra-op threads per process; null = torch default", ge=1)
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = _opt(20, "optimizer steps between metric lines", ge=1)
+    image_every: int = _opt(500, "steps between reconstruction PNGs; 0 = only at the end", ge=0)
+    tensorboard: bool = _opt(True, "write TensorBoard scalars")
+    progress: str = _opt("auto", "progress bar; auto = when attached to a terminal", choices=("auto", "on", "off"))
+
+
+@dataclass
+class OutputConfig:
+    dir: str = _opt("runs/pretrain", "run folder: config, checkpoints, logs, figures")
+    checkpoint_every: int = _opt(1000, "optimizer steps between checkpoints (and one at the end)", ge=1)
+    keep_last: Optional[int] = _opt(3, "complete checkpoints kept; null keeps all", ge=1)
+
+
+@dataclass
+class Config:
+    recipe: str = _opt("mae", "recipe the config was built from (name or YAML path)")
+    resume: str = _opt("none", "'none', 'auto' (newest complete checkpoint in output.dir) or a path")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _closest(name: str, valid: list[str]) -> str:
+    near = difflib.get_close_matches(name, valid, n=1)
+    return f" (did you mean '{near[0]}'?)" if near else ""
+
+
+def _describe(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_describe(a) for a in args) + " or null"
+    if origin is tuple:
+        return "[" + ", ".join(_describe(a) for a in typing.get_args(tp)) + "]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    """Convert a YAML value to the declared type or raise a ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values {_describe(tp)}, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _check_rules(key: str, value: Any, meta: dict) -> None:
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not a valid choice; valid: {', '.join(map(str, choices))}")
+    bounds = [("gt", lambda v, b: v > b, ">"), ("ge", lambda v, b: v >= b, ">="),
+              ("lt", lambda v, b: v < b, "<"), ("le", lambda v, b: v <= b, "<=")]
+    for rule, ok, sym in bounds:
+        if rule in meta and not ok(value, meta[rule]):
+            limits = " and ".join(f"{s} {meta[r]}" for r, _, s in bounds if r in meta)
+            raise ConfigError(f"{key}: {value!r} is out of range; it must be {limits}")
+
+
+def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
+    """Apply a nested dict of updates onto a dataclass instance, strictly."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {updates!r}")
+    hints = typing.get_type_hints(type(obj))
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for name, value in updates.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            section = prefix.rstrip(".") or "the config root"
+            valid = list(fields)
+            raise ConfigError(f"unknown key '{key}'{_closest(str(name), valid)}; valid keys in "
+                              f"{section}: {', '.join(valid)}")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, f"{key}.")
+            continue
+        coerced = _coerce(key, value, hints[name])
+        _check_rules(key, coerced, fields[name].metadata)
+        setattr(obj, name, coerced)
+
+
+def _validate(cfg: Config) -> None:
+    """Checks that involve several keys or other modules."""
+    from mimscale.pretrain.models import available_models
+
+    if cfg.model.name not in available_models():
+        raise ConfigError(f"model.name: unknown model {cfg.model.name!r}; valid: "
+                          f"{', '.join(available_models())}")
+    patch = cfg.model.patch_size or int(cfg.model.name.rsplit("patch", 1)[-1])
+    if cfg.model.img_size % patch:
+        raise ConfigError(f"model.img_size: {cfg.model.img_size} is not a multiple of the patch size {patch}")
+    lo, hi = cfg.data.crop_scale
+    if not 0 < lo <= hi <= 1:
+        raise ConfigError(f"data.crop_scale: {list(cfg.data.crop_scale)} must satisfy 0 < min <= max <= 1")
+    if cfg.data.source == "imagefolder" and not cfg.data.root:
+        raise ConfigError("data.root: required when data.source=imagefolder (a folder of class "
+                          "sub-folders of images); or use data.source=synthetic")
+    for i, b in enumerate(cfg.optim.betas):
+        if not 0 <= b < 1:
+            raise ConfigError(f"optim.betas[{i}]: {b} must be in [0, 1)")
+
+
+# --------------------------------------------------------------------------- recipes
+
+RECIPE_PACKAGE = "mimscale.pretrain"
+
+
+def available_recipes() -> list[str]:
+    folder = resources.files(RECIPE_PACKAGE).joinpath("recipes")
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_recipe(name: str, seen: tuple[str, ...] = ()) -> dict:
+    """A recipe as a dict, with its ``base`` chain merged in (base first)."""
+    if name.endswith((".yaml", ".yml")) or "/" in name:
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"recipe: file {path} does not exist")
+        text = path.read_text()
+    else:
+        if name not in available_recipes():
+            raise ConfigError(f"recipe: unknown recipe {name!r}{_closest(name, available_recipes())}; "
+                              f"valid: {', '.join(available_recipes())} (or a path to a YAML file)")
+        text = resources.files(RECIPE_PACKAGE).joinpath("recipes", f"{name}.yaml").read_text()
+    if name in seen:
+        raise ConfigError(f"recipe: circular base chain {' -> '.join(seen + (name,))}")
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {name}: top level must be a mapping, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return _merge(_read_recipe(base, seen + (name,)), data)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["a.b=1", "c=x"]`` -> nested dict; values are parsed as YAML scalars/lists."""
+    nested: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.blr=1e-4)")
+        key, raw = item.split("=", 1)
+        key = key.strip().lstrip("+")
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: cannot parse the value: {e}") from None
+        if isinstance(value, str) and _is_float(value):  # YAML 1.1 misses "1e-4"
+            value = float(value)
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{part}' is not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return text.strip().lower() not in ("nan", "inf", "-inf", "infinity", "-infinity")
+
+
+def load_config(overrides: list[str] | None = None, recipe: str | None = None) -> Config:
+    """Build and validate the config: defaults <- recipe YAML (with bases) <- overrides."""
+    updates = parse_overrides(list(overrides or []))
+    recipe = str(updates.pop("recipe", recipe or "mae"))
+    merged = _merge(_read_recipe(recipe), updates)
+    cfg = Config()
+    _apply(cfg, merged)
+    cfg.recipe = recipe
+    _validate(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def to_dict(cfg: Any) -> dict:
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuild a Config from a saved dict (e.g. the copy inside a checkpoint)."""
+    cfg = Config()
+    _apply(cfg, data)
+    return cfg

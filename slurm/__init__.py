@@ -1,0 +1,1 @@
+"""SLURM launching through submitit; filled in by later work."""

@@ -1,0 +1,1 @@
+"""Command-line tools beyond training: visualisation, conversion, analysis."""
