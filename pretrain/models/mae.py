@@ -1,0 +1,195 @@
+"""Masked autoencoder (He et al. 2022) driven by an explicit boolean mask.
+
+The official MAE draws its random mask inside ``forward``; here the caller passes the mask, so every
+masking strategy (random, block, guided, multi-shot) feeds the same model. Parameter names and
+initialisation follow the official pretraining checkpoints exactly.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .vit import Block, PatchEmbed, get_2d_sincos_pos_embed
+
+
+class MAEOutput(NamedTuple):
+    """``loss`` scalar; ``pred [B, N, p*p*C]``; ``mask [B, N]`` (True = hidden);
+    ``loss_per_image [B]``."""
+
+    loss: torch.Tensor
+    pred: torch.Tensor
+    mask: torch.Tensor
+    loss_per_image: torch.Tensor
+
+
+class MaskedAutoencoderViT(nn.Module):
+    """ViT encoder on the visible tokens + light transformer decoder predicting every patch."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24,
+                 num_heads=16, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
+                 mlp_ratio=4.0, norm_pix_loss=True, drop_path=0.0):
+        super().__init__()
+        self.in_chans = in_chans
+        self.norm_pix_loss = norm_pix_loss
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        n = self.patch_embed.num_patches
+        # Fixed sin-cos tables are Parameters (requires_grad=False) so they sit in the state dict
+        # under the same keys as the official checkpoints and timm.
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, embed_dim), requires_grad=False)
+        dpr = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth grows with depth
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i])
+            for i in range(depth)
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, n + 1, decoder_embed_dim),
+                                              requires_grad=False)
+        self.decoder_blocks = nn.ModuleList(
+            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True)
+            for _ in range(decoder_depth)
+        )
+        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, self.patch_size ** 2 * in_chans, bias=True)
+        self.initialize_weights()
+
+    # ----------------------------------------------------------------------------------- init
+    def initialize_weights(self) -> None:
+        """Official MAE init: sin-cos tables, xavier Linear/patch conv, N(0, .02) tokens."""
+        grid = self.grid_size
+        pe = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid, cls_token=True)
+        self.pos_embed.data.copy_(torch.from_numpy(pe).float().unsqueeze(0))
+        dpe = get_2d_sincos_pos_embed(self.decoder_pos_embed.shape[-1], grid, cls_token=True)
+        self.decoder_pos_embed.data.copy_(torch.from_numpy(dpe).float().unsqueeze(0))
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear over the flattened patch
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------------------ geometry
+    @property
+    def patch_size(self) -> int:
+        return self.patch_embed.patch_size[0]
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return self.patch_embed.grid_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.patch_embed.num_patches
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token", "mask_token", "decoder_pos_embed"}
+
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """``[B, C, H, W] -> [B, N, p*p*C]``, per-patch pixel order (row, col, channel) as MAE."""
+        p, (gh, gw), c = self.patch_size, self.grid_size, self.in_chans
+        x = imgs.reshape(imgs.shape[0], c, gh, p, gw, p)
+        x = torch.einsum("nchpwq->nhwpqc", x)
+        return x.reshape(imgs.shape[0], gh * gw, p * p * c)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, N, p*p*C] -> [B, C, H, W]``; inverse of :meth:`patchify`."""
+        p, (gh, gw), c = self.patch_size, self.grid_size, self.in_chans
+        x = x.reshape(x.shape[0], gh, gw, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, gh * p, gw * p)
+
+    # ------------------------------------------------------------------------------- masking
+    def _keep_ids(self, mask: torch.Tensor) -> torch.Tensor:
+        """Visible patch indices ``[B, K]`` in ascending order; all rows must share K."""
+        if mask.dtype != torch.bool or mask.dim() != 2 or mask.shape[1] != self.num_patches:
+            raise ValueError(
+                f"mask must be a bool tensor [B, {self.num_patches}], got "
+                f"{mask.dtype} {tuple(mask.shape)}"
+            )
+        hidden = mask.sum(dim=1)
+        if mask.shape[0] and bool((hidden != hidden[0]).any()):
+            raise ValueError(
+                "every image must hide the same number of patches; got per-image hidden counts "
+                f"{hidden.tolist()} (ragged batches are not supported by this model)"
+            )
+        k = self.num_patches - (int(hidden[0]) if mask.shape[0] else 0)
+        return torch.argsort(mask.int(), dim=1, stable=True)[:, :k]
+
+    # ------------------------------------------------------------------------------- forward
+    def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``imgs [B, C, H, W]``, ``mask [B, N]`` -> latent ``[B, 1+K, D]`` (CLS first)."""
+        ids_keep = self._keep_ids(mask)
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+        x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls.to(x.dtype), x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def forward_decoder(self, latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``latent [B, 1+K, D]`` -> ``pred [B, N, p*p*C]``; mask tokens fill the hidden slots."""
+        ids_keep = self._keep_ids(mask)
+        if latent.shape[1] != ids_keep.shape[1] + 1:
+            raise ValueError(f"latent has {latent.shape[1] - 1} patch tokens but the mask shows "
+                             f"{ids_keep.shape[1]} visible patches")
+        x = self.decoder_embed(latent)  # [B, 1+K, Dd]
+        B, _, Dd = x.shape
+        full = self.mask_token.to(x.dtype).expand(B, self.num_patches, Dd)
+        full = torch.scatter(full, 1, ids_keep.unsqueeze(-1).expand(-1, -1, Dd), x[:, 1:])
+        x = torch.cat([x[:, :1], full], dim=1) + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_pred(self.decoder_norm(x))
+        return x[:, 1:]
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor):
+        """MSE over hidden patches, in float32 even under autocast.
+
+        Returns ``(loss scalar, loss_per_image [B])``; loss = sum over hidden / count of hidden.
+        """
+        with torch.autocast(device_type=imgs.device.type, enabled=False):
+            target = self.patchify(imgs.float())
+            if self.norm_pix_loss:
+                mean = target.mean(dim=-1, keepdim=True)
+                var = target.var(dim=-1, keepdim=True)  # unbiased, exactly as official MAE
+                target = (target - mean) / (var + 1.0e-6) ** 0.5
+            per_patch = ((pred.float() - target) ** 2).mean(dim=-1)  # [B, N]
+            m = mask.float()
+            loss = (per_patch * m).sum() / m.sum().clamp_min(1.0)  # 0, not NaN, if none hidden
+            loss_per_image = (per_patch * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+        return loss, loss_per_image
+
+    def forward(self, imgs: torch.Tensor, mask: torch.Tensor) -> MAEOutput:
+        latent = self.forward_encoder(imgs, mask)
+        pred = self.forward_decoder(latent, mask)
+        loss, loss_per_image = self.forward_loss(imgs, pred, mask)
+        return MAEOutput(loss, pred, mask, loss_per_image)
+
+    # -------------------------------------------------------------------------------- export
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """Encoder weights under timm ``VisionTransformer`` keys (no mask_token, no decoder_*)."""
+        return {
+            k: v.detach().clone().contiguous()
+            for k, v in self.state_dict().items()
+            if k != "mask_token" and not k.startswith("decoder_")
+        }
+
+
+__all__ = ["MAEOutput", "MaskedAutoencoderViT"]
