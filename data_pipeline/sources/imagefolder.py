@@ -1,0 +1,45 @@
+"""A dependency-free ImageFolder: ``root/<class>/**/<image>``, classes = sorted sub-folders.
+
+Why not torchvision's: we want clear errors for missing/empty folders, tolerate empty class
+folders, and let the loader (not the source) decide what to do with undecodable files.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from PIL import Image
+
+IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class ImageFolderSource:
+    """Indexable ``(PIL RGB image, label)`` pairs in a deterministic (sorted) order."""
+
+    def __init__(self, root: str | os.PathLike, extensions: tuple[str, ...] = IMG_EXTENSIONS):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.root}")
+        self.classes = sorted(p.name for p in self.root.iterdir()
+                              if p.is_dir() and not p.name.startswith("."))
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        exts = tuple(e.lower() for e in extensions)
+        self.samples: list[tuple[str, int]] = [
+            (str(p), label) for c, label in self.class_to_idx.items()
+            for p in sorted((self.root / c).rglob("*"))
+            if p.suffix.lower() in exts and p.is_file()]
+        if not self.samples:
+            raise ValueError(f"no images ({', '.join(exts)}) in class sub-folders of {self.root}")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def path(self, i: int) -> str:
+        return self.samples[i][0]
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        """Decode fully here (``convert`` forces it) so corrupt files fail at this call."""
+        path, label = self.samples[i]
+        with Image.open(path) as im:
+            return im.convert("RGB"), label
