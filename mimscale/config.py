@@ -10,14 +10,35 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with 1.2 scalars: only true/false are booleans (``progress: off`` stays a string) and
+    ``1e-4`` is a float (YAML 1.1 wants ``1.0e-4``)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789."))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 class ConfigError(ValueError):
@@ -35,7 +56,7 @@ def _opt(default, doc: str = "", **rules):
 class ModelConfig:
     name: str = _opt("mae_vit_base_patch16", "encoder/decoder preset, see `build_mae`")
     img_size: int = _opt(224, "input resolution in pixels", gt=0)
-    patch_size: Optional[int] = _opt(None, "patch size; null keeps the preset's", gt=0)
+    patch_size: int | None = _opt(None, "patch size; null keeps the preset's", gt=0)
     decoder_embed_dim: int = _opt(512, "MAE decoder width", gt=0)
     decoder_depth: int = _opt(8, "MAE decoder blocks", ge=1)
     decoder_num_heads: int = _opt(16, "MAE decoder heads", ge=1)
@@ -45,7 +66,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = _opt("imagefolder", "where images come from", choices=("imagefolder", "synthetic"))
-    root: Optional[str] = _opt(None, "ImageFolder root (its `train/` split is used if present)")
+    root: str | None = _opt(None, "ImageFolder root (its `train/` split is used if present)")
     batch_size: int = _opt(64, "images per process per micro-step", gt=0)
     num_workers: int = _opt(8, "data loader worker processes", ge=0)
     crop_scale: tuple[float, float] = _opt((0.2, 1.0), "RandomResizedCrop area range [MAE]")
@@ -74,20 +95,20 @@ class ObjectivesConfig:
 @dataclass
 class OptimConfig:
     blr: float = _opt(1.5e-4, "base lr; lr = blr * effective_batch / 256 [MAE]", gt=0)
-    lr: Optional[float] = _opt(None, "absolute lr; overrides blr when set", gt=0)
+    lr: float | None = _opt(None, "absolute lr; overrides blr when set", gt=0)
     min_lr: float = _opt(0.0, "floor of the cosine schedule", ge=0)
     weight_decay: float = _opt(0.05, "AdamW weight decay (not on norms, biases, tokens)", ge=0)
     betas: tuple[float, float] = _opt((0.9, 0.95), "AdamW betas [MAE]")
-    clip_grad: Optional[float] = _opt(None, "max gradient norm; null disables clipping", gt=0)
+    clip_grad: float | None = _opt(None, "max gradient norm; null disables clipping", gt=0)
     accum_steps: int = _opt(1, "micro-steps per optimizer step", ge=1)
 
 
 @dataclass
 class ScheduleConfig:
     epochs: int = _opt(800, "training length in epochs", ge=1)
-    max_steps: Optional[int] = _opt(None, "optimizer steps; overrides epochs when set", ge=1)
+    max_steps: int | None = _opt(None, "optimizer steps; overrides epochs when set", ge=1)
     warmup_epochs: float = _opt(40.0, "linear warmup length in epochs", ge=0)
-    warmup_steps: Optional[int] = _opt(None, "warmup in steps; overrides warmup_epochs", ge=0)
+    warmup_steps: int | None = _opt(None, "warmup in steps; overrides warmup_epochs", ge=0)
 
 
 @dataclass
@@ -96,7 +117,7 @@ class EngineConfig:
     device: str = _opt("auto", "compute device", choices=("auto", "cpu", "cuda"))
     precision: str = _opt("bf16", "autocast dtype; params and losses stay fp32", choices=("bf16", "fp32"))
     seed: int = _opt(0, "seed of data order, augmentation, masks and init", ge=0)
-    threads: Optional[int] = _opt(None, "torch intra-op threads per process; null = torch default", ge=1)
+    threads: int | None = _opt(None, "torch intra-op threads per process; null = torch default", ge=1)
 
 
 @dataclass
@@ -111,7 +132,7 @@ class LoggingConfig:
 class OutputConfig:
     dir: str = _opt("runs/pretrain", "run folder: config, checkpoints, logs, figures")
     checkpoint_every: int = _opt(1000, "optimizer steps between checkpoints (and one at the end)", ge=1)
-    keep_last: Optional[int] = _opt(3, "complete checkpoints kept; null keeps all", ge=1)
+    keep_last: int | None = _opt(3, "complete checkpoints kept; null keeps all", ge=1)
 
 
 @dataclass
@@ -262,7 +283,7 @@ def _read_recipe(name: str, seen: tuple[str, ...] = ()) -> dict:
         text = resources.files(RECIPE_PACKAGE).joinpath("recipes", f"{name}.yaml").read_text()
     if name in seen:
         raise ConfigError(f"recipe: circular base chain {' -> '.join(seen + (name,))}")
-    data = yaml.safe_load(text) or {}
+    data = _yaml(text) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {name}: top level must be a mapping, got {type(data).__name__}")
     base = data.pop("base", None)
@@ -289,11 +310,9 @@ def parse_overrides(items: list[str]) -> dict:
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = _yaml(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: cannot parse the value: {e}") from None
-        if isinstance(value, str) and _is_float(value):  # YAML 1.1 misses "1e-4"
-            value = float(value)
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:
@@ -302,14 +321,6 @@ def parse_overrides(items: list[str]) -> dict:
                 raise ConfigError(f"override {item!r}: '{part}' is not a section")
         node[parts[-1]] = value
     return nested
-
-
-def _is_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return text.strip().lower() not in ("nan", "inf", "-inf", "infinity", "-infinity")
 
 
 def load_config(overrides: list[str] | None = None, recipe: str | None = None) -> Config:

@@ -9,7 +9,6 @@ import time
 
 import pytest
 import torch
-
 from mimscale.pretrain.engine import checkpoint as ckpt
 from mimscale.pretrain.engine.checkpoint import CheckpointManager, load_checkpoint, resolve_resume
 

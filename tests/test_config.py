@@ -4,7 +4,15 @@ import pytest
 import yaml
 
 from mimscale.cli import main
-from mimscale.config import Config, ConfigError, available_recipes, from_dict, load_config, parse_overrides, to_dict
+from mimscale.config import (
+    Config,
+    ConfigError,
+    available_recipes,
+    from_dict,
+    load_config,
+    parse_overrides,
+    to_dict,
+)
 
 
 def test_mae_recipe_defaults():

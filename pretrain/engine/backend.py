@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
+from torch import nn
 
 
 @dataclass(frozen=True)

@@ -5,14 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torchvision.utils import save_image
-
 from mimscale.data_pipeline.transforms import denormalize
+from torchvision.utils import save_image
 
 
 @torch.no_grad()
 def reconstruction_grid(model, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
-                        path: str | Path, max_images: int = 8) -> Path:
+                        path: str | Path, max_images: int = 8, min_side: int = 128) -> Path:
     """Save a 3-row grid: original, masked input (hidden patches grey), reconstruction with the
     visible patches pasted back, as in MAE's figures.
 
@@ -32,6 +31,9 @@ def reconstruction_grid(model, images: torch.Tensor, pred: torch.Tensor, mask: t
     rows = [denormalize(imgs), denormalize(masked) * _visible(model, mask) + 0.5 * (1 - _visible(model, mask)),
             denormalize(recon)]
     grid = torch.cat(rows).clamp(0, 1)
+    if grid.shape[-1] < min_side:  # small demo images: enlarge (nearest) so patches stay crisp
+        grid = grid.repeat_interleave(-(-min_side // grid.shape[-1]), dim=-1)
+        grid = grid.repeat_interleave(-(-min_side // grid.shape[-2]), dim=-2)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(grid, path, nrow=n, padding=2, pad_value=1.0)

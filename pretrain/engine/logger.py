@@ -26,14 +26,20 @@ class RunLogger:
         if not enabled:
             return
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.metrics_path, "a")
+        self._file = open(self.metrics_path, "a")  # noqa: SIM115 (open for the whole run)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(self.tb_dir), purge_step=start_step or None)
         show = progress == "on" or (progress == "auto" and sys.stdout.isatty())
         if show:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
 
             self._bar = Progress(TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(),
                                  TimeRemainingColumn(), TextColumn("{task.fields[info]}"))

@@ -18,7 +18,7 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    _kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, gauss_py = random.getstate()
     state = {
         "torch": torch.get_rng_state(),

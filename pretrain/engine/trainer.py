@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from mimscale.config import Config, to_dict, to_yaml
 from mimscale.data_pipeline.build import build_pretrain_data
 from mimscale.pretrain.masking import build_masking
 from mimscale.pretrain.models import build_mae
+
+from mimscale.config import Config, to_dict, to_yaml
 
 from .backend import build_backend, init_distributed
 from .checkpoint import CheckpointManager, load_checkpoint, resolve_resume
@@ -43,9 +43,9 @@ class RunSummary:
 
 def build_model(cfg: Config) -> torch.nn.Module:
     m = cfg.model
-    overrides = dict(img_size=m.img_size, decoder_embed_dim=m.decoder_embed_dim, decoder_depth=m.decoder_depth,
-                     decoder_num_heads=m.decoder_num_heads, drop_path=m.drop_path,
-                     norm_pix_loss=cfg.objectives.norm_pix_loss)
+    overrides = {"img_size": m.img_size, "decoder_embed_dim": m.decoder_embed_dim, "decoder_depth": m.decoder_depth,
+                     "decoder_num_heads": m.decoder_num_heads, "drop_path": m.drop_path,
+                     "norm_pix_loss": cfg.objectives.norm_pix_loss}
     if m.patch_size is not None:
         overrides["patch_size"] = m.patch_size
     return build_mae(m.name, **overrides)

@@ -7,7 +7,7 @@ import torch
 from .functional import num_visible
 from .selectors import random_mask, topk_mask
 
-__all__ = ["num_visible", "random_mask", "topk_mask", "RandomMasking", "build_masking"]
+__all__ = ["RandomMasking", "build_masking", "num_visible", "random_mask", "topk_mask"]
 
 
 class RandomMasking:
