@@ -4,6 +4,7 @@ the config (failing fast on a bad key or value) and hands over to the code that 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from mimscale import __version__
@@ -38,6 +39,11 @@ def _cmd_config_recipes(args) -> int:
     return 0
 
 
+# Subsystems that add their own subcommands: each module has ``register(subparsers)``, which adds
+# its parsers with ``set_defaults(func=...)``; a handler returns the exit code.
+COMMAND_MODULES: list[str] = []
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mimscale", description="Masked-image-modeling pretraining of Vision Transformers.")
@@ -65,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_config_show)
     c = csub.add_parser("recipes", help="list the shipped recipes")
     c.set_defaults(func=_cmd_config_recipes)
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return parser
 
 
