@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+
 from mimscale.pretrain.engine import checkpoint as ckpt
 from mimscale.pretrain.engine.checkpoint import CheckpointManager, load_checkpoint, resolve_resume
 

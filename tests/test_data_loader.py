@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 import torch
+
 from mimscale.data_pipeline.loader import EpochSampler, PretrainLoader, build_pretrain_loader
 from mimscale.data_pipeline.sources.imagefolder import ImageFolderSource
 from mimscale.data_pipeline.synthetic import write_imagefolder
@@ -48,7 +49,7 @@ def test_batches_and_transforms(root):
     x = eval_transform(IMG)(img)
     assert x.shape == (3, IMG, IMG)
     y = denormalize(x)
-    assert 0 <= y.min() and y.max() <= 1
+    assert y.min() >= 0 and y.max() <= 1
 
 
 def test_global_rng_untouched(root):

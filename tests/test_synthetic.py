@@ -4,6 +4,8 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from mimscale.data_pipeline.synthetic import (
     CLASSES,
     MARKER,
@@ -16,7 +18,6 @@ from mimscale.data_pipeline.synthetic import (
     sample_at,
     write_imagefolder,
 )
-from PIL import Image
 
 
 def _same(a, b):

@@ -6,14 +6,15 @@ import shutil
 import pytest
 import timm
 import torch
+
+from mimscale.config import from_dict
 from mimscale.pretrain.engine.checkpoint import load_checkpoint
 from mimscale.pretrain.engine.logger import read_metrics
 from mimscale.pretrain.engine.optim import param_groups
 from mimscale.pretrain.engine.schedule import cosine_lr, scaled_lr
-from mimscale.pretrain.engine.trainer import Trainer, build_model
+from mimscale.pretrain.engine.trainer import Trainer
+from mimscale.pretrain.method import build_model
 from mimscale.pretrain.models import build_mae, to_timm_state_dict
-
-from mimscale.config import from_dict
 
 
 def test_cosine_schedule_matches_formula():

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from mimscale.data_pipeline.transforms import denormalize
 from torchvision.utils import save_image
+
+from mimscale.data_pipeline.transforms import denormalize
 
 
 @torch.no_grad()

@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from mimscale.data_pipeline.build import build_pretrain_data
-from mimscale.pretrain.masking import build_masking
-from mimscale.pretrain.models import build_mae
 
 from mimscale.config import Config, to_dict, to_yaml
+from mimscale.data_pipeline.build import build_pretrain_data
+from mimscale.pretrain.method import MIMMethod
 
 from .backend import build_backend, init_distributed
 from .checkpoint import CheckpointManager, load_checkpoint, resolve_resume
@@ -41,16 +40,6 @@ class RunSummary:
     wall_time: float
 
 
-def build_model(cfg: Config) -> torch.nn.Module:
-    m = cfg.model
-    overrides = {"img_size": m.img_size, "decoder_embed_dim": m.decoder_embed_dim, "decoder_depth": m.decoder_depth,
-                     "decoder_num_heads": m.decoder_num_heads, "drop_path": m.drop_path,
-                     "norm_pix_loss": cfg.objectives.norm_pix_loss}
-    if m.patch_size is not None:
-        overrides["patch_size"] = m.patch_size
-    return build_mae(m.name, **overrides)
-
-
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -64,8 +53,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
         seed_everything(cfg.engine.seed)  # identical initial weights on every rank
-        self.model = self.backend.wrap(build_model(cfg))
-        self.net = self.backend.module
+        self.model = self.backend.wrap(MIMMethod(cfg))
+        self.method: MIMMethod = self.backend.module
         self.data = build_pretrain_data(cfg.data, cfg.model.img_size, cfg.engine.seed,
                                         self.env.rank, self.env.world_size)
         seed_everything(cfg.engine.seed + self.env.rank)  # per-rank stream for drop path etc.
@@ -78,8 +67,7 @@ class Trainer:
         self.effective_batch = cfg.data.batch_size * accum * self.env.world_size
         self.lr = cfg.optim.lr or scaled_lr(cfg.optim.blr, self.effective_batch)
         self.optimizer = self.backend.build_optimizer(
-            param_groups(self.net, cfg.optim.weight_decay), self.lr, cfg.optim.betas)
-        self.masking = build_masking(cfg.masking)
+            param_groups(self.method, cfg.optim.weight_decay), self.lr, cfg.optim.betas)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.output.keep_last)
         self.step = 0
         self.figures: list[Path] = []
@@ -102,11 +90,14 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
+        backend_state = self.backend.state_dict()
+        student, method_state = self.method.split_state_dict(backend_state.pop("model"))
         return {
-            **self.backend.state_dict(),
+            "model": student,  # official MAE layout: loads into build_mae(...) and exports to timm
+            "method": method_state,
+            **backend_state,
             "step": self.step,
             "data": self.data.state_dict(),
-            "masking": self.masking.state_dict(),
             "rng": self.backend.all_gather_object(rng_state()),
             "config": to_dict(self.cfg),
             "effective_batch": self.effective_batch,
@@ -115,10 +106,10 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         state = load_checkpoint(path)
-        self.backend.load_state_dict(state)
+        model = self.method.join_state_dict(state["model"], state.get("method", {}))
+        self.backend.load_state_dict({**state, "model": model})
         self.step = int(state["step"])
         self.data.load_state_dict(state["data"])
-        self.masking.load_state_dict(state["masking"])
         rngs = state["rng"]
         if len(rngs) == self.env.world_size:
             set_rng_state(rngs[self.env.rank])
@@ -135,23 +126,19 @@ class Trainer:
 
     def _micro_step(self, batch: dict, generator: torch.Generator, sync: bool):
         images = batch["images"].to(self.backend.device, non_blocking=True)
-        t0 = time.perf_counter()
-        mask = self.masking(images, self.net.num_patches, generator)
-        mask_time = time.perf_counter() - t0
         with self.backend.accumulate(sync):
             with self.backend.autocast():
-                out = self.model(images, mask)
-            loss = self.cfg.objectives.pixel_weight * out.loss
-            (loss / self.cfg.optim.accum_steps).backward()
-        return images, out, loss.detach(), mask_time
+                out = self.model(images, generator)
+            (out.loss / self.cfg.optim.accum_steps).backward()
+        return images, out
 
     def fit(self) -> RunSummary:
         cfg = self.cfg
         accum = cfg.optim.accum_steps
         data_iter = iter(self.data)
         losses: list[tuple[int, float]] = []
-        window_loss, window_micro, window_images, window_mask_time = torch.zeros((), device=self.backend.device), 0, 0, 0.0
-        window_start = start = time.perf_counter()
+        window = _Window()
+        start = time.perf_counter()
         last_ckpt = None
         out = images = None
         self.model.train()
@@ -160,26 +147,20 @@ class Trainer:
             generator = step_generator(cfg.engine.seed, self.step, self.env.rank)
             epoch = self.data.state_dict()["epoch"]
             for micro in range(accum):
-                images, out, loss, mask_time = self._micro_step(next(data_iter), generator, micro == accum - 1)
-                window_loss += loss.float()  # stays on the device: no host sync per step
-                window_micro += 1
-                window_images += images.shape[0] * self.env.world_size
-                window_mask_time += mask_time
+                images, out = self._micro_step(next(data_iter), generator, micro == accum - 1)
+                window.add({"loss": out.loss.detach(), **out.terms}, images.shape[0] * self.env.world_size)
             grad_norm = self.backend.step(cfg.optim.clip_grad)
+            self.method.after_optimizer_step(self.step, self.total_steps)
             self.step += 1
 
             if self.step % cfg.logging.log_every == 0 or self.step == self.total_steps:
-                elapsed = time.perf_counter() - window_start
-                mean_loss = window_loss.item() / window_micro
-                if not math.isfinite(mean_loss):
-                    raise FloatingPointError(f"non-finite loss {mean_loss} at step {self.step}")
-                metrics = {"epoch": epoch, "loss": mean_loss, "lr": self.optimizer.param_groups[0]["lr"],
-                           "grad_norm": float(grad_norm), "images_per_s": window_images / elapsed,
-                           "mask_time_ms": 1000 * window_mask_time / window_micro}
+                means, images_per_s = window.flush()
+                if not math.isfinite(means["loss"]):
+                    raise FloatingPointError(f"non-finite loss {means['loss']} at step {self.step}")
+                metrics = {"epoch": epoch, **means, "lr": self.optimizer.param_groups[0]["lr"],
+                           "grad_norm": float(grad_norm), "images_per_s": images_per_s}
                 self.logger.log(self.step, metrics)
-                losses.append((self.step, mean_loss))
-                window_loss, window_micro, window_images, window_mask_time = torch.zeros((), device=self.backend.device), 0, 0, 0.0
-                window_start = time.perf_counter()
+                losses.append((self.step, means["loss"]))
             else:
                 self.logger.advance(self.step)
             if cfg.logging.image_every and self.step % cfg.logging.image_every == 0 and self.env.is_main:
@@ -196,4 +177,30 @@ class Trainer:
 
     def _figure(self, images: torch.Tensor, out) -> None:
         path = self.run_dir / "figures" / f"recon_step_{self.step:08d}.png"
-        self.figures.append(reconstruction_grid(self.net, images, out.pred.detach(), out.mask, path))
+        mae = out.mae
+        self.figures.append(reconstruction_grid(self.method.student, images, mae.pred.detach(), mae.mask, path))
+
+
+class _Window:
+    """Sums logged terms between two log lines on the device; one host sync when flushed."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self.images = 0
+        self.start = time.perf_counter()
+
+    def add(self, terms: dict[str, torch.Tensor], images: int) -> None:
+        for k, v in terms.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.count += 1
+        self.images += images
+
+    def flush(self) -> tuple[dict[str, float], float]:
+        keys = list(self.sums)
+        values = torch.stack([self.sums[k].to(self.sums[keys[0]].device) for k in keys]).cpu().tolist()
+        means = {k: v / self.count for k, v in zip(keys, values)}
+        rate = self.images / max(1e-9, time.perf_counter() - self.start)
+        self.__init__()
+        return means, rate
