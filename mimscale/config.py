@@ -210,7 +210,7 @@ def _check_rules(key: str, value: Any, meta: dict) -> None:
         raise ConfigError(f"{key}: {value!r} is not a valid choice; valid: {', '.join(map(str, choices))}")
     bounds = [("gt", lambda v, b: v > b, ">"), ("ge", lambda v, b: v >= b, ">="),
               ("lt", lambda v, b: v < b, "<"), ("le", lambda v, b: v <= b, "<=")]
-    for rule, ok, sym in bounds:
+    for rule, ok, _ in bounds:
         if rule in meta and not ok(value, meta[rule]):
             limits = " and ".join(f"{s} {meta[r]}" for r, _, s in bounds if r in meta)
             raise ConfigError(f"{key}: {value!r} is out of range; it must be {limits}")
