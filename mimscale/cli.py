@@ -41,7 +41,9 @@ def _cmd_config_recipes(args) -> int:
 
 # Subsystems that add their own subcommands: each module has ``register(subparsers)``, which adds
 # its parsers with ``set_defaults(func=...)``; a handler returns the exit code.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = [
+    "mimscale.tools.bench",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

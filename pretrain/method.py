@@ -20,6 +20,11 @@ from mimscale.pretrain.models import MAEOutput, build_mae
 STUDENT = "student."
 
 
+class MaskResult(NamedTuple):
+    mask: torch.Tensor                # [B, N] bool, True = hidden
+    score: torch.Tensor | None        # [B, N] the score the selector ranked (None for random)
+
+
 class StepOutput(NamedTuple):
     loss: torch.Tensor                # the total loss to backpropagate
     terms: dict[str, torch.Tensor]    # detached scalars to log (each loss term, mask time, ...)
@@ -44,10 +49,14 @@ class MIMMethod(nn.Module):
         self.masking = build_masking(cfg.masking)
         self.pixel_weight = cfg.objectives.pixel_weight
 
+    @torch.no_grad()
+    def make_mask(self, images: torch.Tensor, generator: torch.Generator) -> MaskResult:
+        """The strategy's mask for a batch (and the score behind it), without training anything."""
+        return MaskResult(self.masking(images, self.student.num_patches, generator), None)
+
     def forward(self, images: torch.Tensor, generator: torch.Generator) -> StepOutput:
         t0 = time.perf_counter()
-        with torch.no_grad():
-            mask = self.masking(images, self.student.num_patches, generator)
+        mask = self.make_mask(images, generator).mask
         mask_time = torch.tensor(time.perf_counter() - t0)
         out = self.student(images, mask)
         loss = self.pixel_weight * out.loss

@@ -1,0 +1,41 @@
+"""EMA teacher: the momentum ramp and the update formula."""
+
+import math
+
+import pytest
+import torch
+
+from mimscale.pretrain.teacher import ema_momentum, ema_update_
+
+
+def test_momentum_ramp_values():
+    assert ema_momentum(0, 100) == pytest.approx(0.996)
+    assert ema_momentum(100, 100) == pytest.approx(1.0)
+    assert ema_momentum(50, 100) == pytest.approx(0.998)
+    for s in (0, 13, 77, 100, 150):
+        p = min(1.0, s / 100)
+        want = 1.0 - (1.0 - 0.99) * (math.cos(math.pi * p) + 1) / 2
+        assert ema_momentum(s, 100, base=0.99) == pytest.approx(want)
+    values = [ema_momentum(s, 100) for s in range(101)]
+    assert values == sorted(values)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ema_update_equals_formula(dtype):
+    g = torch.Generator().manual_seed(0)
+    teacher = [torch.randn(5, 3, generator=g).to(dtype), torch.randn(7, generator=g).to(dtype)]
+    student = [torch.randn(5, 3, generator=g).to(dtype), torch.randn(7, generator=g).to(dtype)]
+    m = 0.9
+    want = [m * t.float() + (1 - m) * s.float() for t, s in zip(teacher, student)]
+    ema_update_(teacher, student, m)
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    for t, w in zip(teacher, want):
+        torch.testing.assert_close(t.float(), w, rtol=tol, atol=tol)
+
+
+def test_momentum_one_freezes_teacher():
+    teacher, student = [torch.ones(4)], [torch.zeros(4)]
+    ema_update_(teacher, student, 1.0)
+    assert torch.equal(teacher[0], torch.ones(4))
+    with pytest.raises(ValueError):
+        ema_update_(teacher, [], 0.5)
