@@ -62,6 +62,10 @@ class MIMMethod(nn.Module):
         loss = self.pixel_weight * out.loss
         return StepOutput(loss, {"loss_pixel": out.loss.detach(), "mask_time_ms": 1000 * mask_time}, out)
 
+    def set_progress(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
+        """Where training stands, for schedules inside the method (soft-to-hard, PLB epochs)."""
+        self.step, self.total_steps, self.steps_per_epoch = step, total_steps, steps_per_epoch
+
     @torch.no_grad()
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         """Hook for state that follows the student (an EMA teacher); nothing for plain MAE."""

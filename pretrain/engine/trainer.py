@@ -145,6 +145,7 @@ class Trainer:
         while self.step < self.total_steps:
             self.backend.set_lr(cosine_lr(self.step, self.lr, self.total_steps, self.warmup_steps, cfg.optim.min_lr))
             generator = step_generator(cfg.engine.seed, self.step, self.env.rank)
+            self.method.set_progress(self.step, self.total_steps, self.steps_per_epoch)
             epoch = self.data.state_dict()["epoch"]
             for micro in range(accum):
                 images, out = self._micro_step(next(data_iter), generator, micro == accum - 1)
