@@ -252,14 +252,24 @@ def test_build_mae_names_and_errors():
     assert len(m.decoder_blocks) == 1 and m.decoder_blocks[0].attn.num_heads == 16
 
 
-def test_mask_validation():
-    model = small_mae()
+def test_mask_validation_and_ragged_batches():
+    """Images may hide different numbers of patches; each image's outputs equal running it alone."""
+    model = small_mae().eval()
     imgs = torch.randn(2, 3, 32, 32)
     uneven = torch.tensor([[True, True, False, False], [True, False, False, False]])
-    with pytest.raises(ValueError, match="same number"):
-        model(imgs, uneven)
     with pytest.raises(ValueError, match="bool"):
         model(imgs, uneven.int())
+    with pytest.raises(ValueError, match="bool tensor"):
+        model(imgs, uneven[:, :3])
+    both = model(imgs, uneven)
+    latent = model.forward_encoder(imgs, uneven)
+    assert latent.shape[1] == 1 + 3  # padded to the largest visible count
+    for i in range(2):
+        alone = model(imgs[i:i + 1], uneven[i:i + 1])
+        torch.testing.assert_close(both.pred[i], alone.pred[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(both.loss_per_image[i], alone.loss_per_image[0], rtol=1e-5, atol=1e-6)
+        k = int((~uneven[i]).sum())
+        torch.testing.assert_close(latent[i, :1 + k], model.forward_encoder(imgs[i:i + 1], uneven[i:i + 1])[0])
 
 
 def test_visible_tokens_in_ascending_order():

@@ -16,13 +16,33 @@ from .vit import Block, PatchEmbed, get_2d_sincos_pos_embed
 
 
 class MAEOutput(NamedTuple):
-    """``loss`` scalar; ``pred [B, N, p*p*C]``; ``mask [B, N]`` (True = hidden);
-    ``loss_per_image [B]``."""
+    """``loss`` scalar; ``pred [B, N, p*p*C]``; ``mask [B, N]`` (True = hidden, the union of all
+    shots); ``loss_per_image [B]``; ``loss_per_patch [B, N]``; ``shot_masks``: what each shot hid."""
 
     loss: torch.Tensor
     pred: torch.Tensor
     mask: torch.Tensor
     loss_per_image: torch.Tensor
+    loss_per_patch: torch.Tensor | None = None
+    shot_masks: list | None = None
+
+
+class Encoded(NamedTuple):
+    """Encoder output: ``latent [B, 1+Kmax, D]``, patch index of each slot ``ids [B, Kmax]``,
+    padding ``pad [B, Kmax]``, the final hidden ``mask [B, N]`` and each shot's hidden patches."""
+
+    latent: torch.Tensor
+    ids: torch.Tensor
+    pad: torch.Tensor
+    mask: torch.Tensor
+    shot_masks: list
+
+
+def _with_cls(pad: torch.Tensor) -> torch.Tensor | None:
+    """Key padding for ``[CLS, slots…]``; None when nothing is padded (keeps the fused kernel)."""
+    if not bool(pad.any()):
+        return None
+    return torch.cat([torch.zeros_like(pad[:, :1]), pad], dim=1)
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -115,72 +135,93 @@ class MaskedAutoencoderViT(nn.Module):
         return x.reshape(x.shape[0], c, gh * p, gw * p)
 
     # ------------------------------------------------------------------------------- masking
-    def _keep_ids(self, mask: torch.Tensor) -> torch.Tensor:
-        """Visible patch indices ``[B, K]`` in ascending order; all rows must share K."""
+    def visible_slots(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Visible patch indices ``[B, Kmax]`` in ascending order and their padding ``[B, Kmax]``
+        (True = padded slot), so images may keep different numbers of patches (AMR, shots)."""
         if mask.dtype != torch.bool or mask.dim() != 2 or mask.shape[1] != self.num_patches:
             raise ValueError(
                 f"mask must be a bool tensor [B, {self.num_patches}], got "
                 f"{mask.dtype} {tuple(mask.shape)}"
             )
-        hidden = mask.sum(dim=1)
-        if mask.shape[0] and bool((hidden != hidden[0]).any()):
-            raise ValueError(
-                "every image must hide the same number of patches; got per-image hidden counts "
-                f"{hidden.tolist()} (ragged batches are not supported by this model)"
-            )
-        k = self.num_patches - (int(hidden[0]) if mask.shape[0] else 0)
-        return torch.argsort(mask.int(), dim=1, stable=True)[:, :k]
+        visible = (~mask).sum(dim=1)
+        k = int(visible.max()) if mask.shape[0] else 0
+        ids = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)[:, :k]
+        pad = torch.arange(k, device=mask.device)[None, :] >= visible[:, None]
+        return ids, pad
 
     # ------------------------------------------------------------------------------- forward
-    def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``imgs [B, C, H, W]``, ``mask [B, N]`` -> latent ``[B, 1+K, D]`` (CLS first)."""
-        ids_keep = self._keep_ids(mask)
+    def encode(self, imgs: torch.Tensor, mask: torch.Tensor, plan=None,
+               generator: torch.Generator | None = None) -> Encoded:
+        """Encoder on the visible patches of ``mask``; a shot ``plan`` (``masking.multishot``) may
+        hide more patches inside the encoder, before the blocks it names."""
+        ids, pad = self.visible_slots(mask)
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
-        x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x = torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls.to(x.dtype), x], dim=1)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)
+        shot_masks = [mask]
+        kpm = _with_cls(pad)
+        for j, blk in enumerate(self.blocks):
+            if plan is not None and j in plan.layers:
+                x, ids, pad, hidden = plan.apply(j, blk, x, ids, pad, self.num_patches, generator)
+                shot_masks.append(hidden)
+                kpm = _with_cls(pad)
+            x = blk(x, key_padding_mask=kpm)
+        final = mask if len(shot_masks) == 1 else torch.stack(shot_masks).any(dim=0)
+        return Encoded(self.norm(x), ids, pad, final, shot_masks)
+
+    def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``imgs [B, C, H, W]``, ``mask [B, N]`` -> latent ``[B, 1+Kmax, D]`` (CLS first; with
+        unequal visible counts, slots past an image's count are padding)."""
+        return self.encode(imgs, mask).latent
 
     def forward_decoder(self, latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``latent [B, 1+K, D]`` -> ``pred [B, N, p*p*C]``; mask tokens fill the hidden slots."""
-        ids_keep = self._keep_ids(mask)
-        if latent.shape[1] != ids_keep.shape[1] + 1:
+        ids, pad = self.visible_slots(mask)
+        if latent.shape[1] != ids.shape[1] + 1:
             raise ValueError(f"latent has {latent.shape[1] - 1} patch tokens but the mask shows "
-                             f"{ids_keep.shape[1]} visible patches")
+                             f"{ids.shape[1]} visible patches")
         x = self.decoder_embed(latent)  # [B, 1+K, Dd]
         B, _, Dd = x.shape
-        full = self.mask_token.to(x.dtype).expand(B, self.num_patches, Dd)
-        full = torch.scatter(full, 1, ids_keep.unsqueeze(-1).expand(-1, -1, Dd), x[:, 1:])
+        n = self.num_patches
+        # padded slots scatter into a spare column N that is dropped: they never reach the output
+        target = torch.where(pad, torch.full_like(ids, n), ids)
+        full = self.mask_token.to(x.dtype).expand(B, n + 1, Dd)
+        full = torch.scatter(full, 1, target.unsqueeze(-1).expand(-1, -1, Dd), x[:, 1:])[:, :n]
         x = torch.cat([x[:, :1], full], dim=1) + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             x = blk(x)
         x = self.decoder_pred(self.decoder_norm(x))
         return x[:, 1:]
 
-    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor):
-        """MSE over hidden patches, in float32 even under autocast.
-
-        Returns ``(loss scalar, loss_per_image [B])``; loss = sum over hidden / count of hidden.
-        """
+    def pixel_loss(self, imgs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """Per-patch MSE ``[B, N]`` against (norm-pix) targets, in float32 even under autocast."""
         with torch.autocast(device_type=imgs.device.type, enabled=False):
             target = self.patchify(imgs.float())
             if self.norm_pix_loss:
                 mean = target.mean(dim=-1, keepdim=True)
                 var = target.var(dim=-1, keepdim=True)  # unbiased, exactly as official MAE
                 target = (target - mean) / (var + 1.0e-6) ** 0.5
-            per_patch = ((pred.float() - target) ** 2).mean(dim=-1)  # [B, N]
-            m = mask.float()
-            loss = (per_patch * m).sum() / m.sum().clamp_min(1.0)  # 0, not NaN, if none hidden
-            loss_per_image = (per_patch * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+            return ((pred.float() - target) ** 2).mean(dim=-1)
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor):
+        """MSE over hidden patches: ``(loss scalar, loss_per_image [B])``; loss = sum over hidden /
+        count of hidden (0, not NaN, if none is hidden)."""
+        per_patch = self.pixel_loss(imgs, pred)
+        m = mask.float()
+        loss = (per_patch * m).sum() / m.sum().clamp_min(1.0)
+        loss_per_image = (per_patch * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
         return loss, loss_per_image
 
-    def forward(self, imgs: torch.Tensor, mask: torch.Tensor) -> MAEOutput:
-        latent = self.forward_encoder(imgs, mask)
-        pred = self.forward_decoder(latent, mask)
-        loss, loss_per_image = self.forward_loss(imgs, pred, mask)
-        return MAEOutput(loss, pred, mask, loss_per_image)
+    def forward(self, imgs: torch.Tensor, mask: torch.Tensor, plan=None,
+                generator: torch.Generator | None = None) -> MAEOutput:
+        enc = self.encode(imgs, mask, plan, generator)
+        pred = self.forward_decoder(enc.latent, enc.mask)
+        per_patch = self.pixel_loss(imgs, pred)
+        m = enc.mask.float()
+        loss = (per_patch * m).sum() / m.sum().clamp_min(1.0)
+        loss_per_image = (per_patch * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+        return MAEOutput(loss, pred, enc.mask, loss_per_image, per_patch, enc.shot_masks)
 
     # -------------------------------------------------------------------------------- export
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
@@ -192,4 +233,4 @@ class MaskedAutoencoderViT(nn.Module):
         }
 
 
-__all__ = ["MAEOutput", "MaskedAutoencoderViT"]
+__all__ = ["Encoded", "MAEOutput", "MaskedAutoencoderViT"]
