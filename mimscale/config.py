@@ -75,15 +75,83 @@ class DataConfig:
     synthetic_size: int = _opt(64, "side of generated images when source=synthetic", gt=0)
 
 
+STRATEGIES = ("random", "block", "idm", "gpa", "ccmim", "sbam", "sbam_amr")
+
+
+@dataclass
+class IDMConfig:
+    """IDM + PLB (SPEC §2): one attention head of the last block picks the most informative patches."""
+    plb: bool = _opt(True, "pattern-learning balance of the head distribution; false = uniform heads [P]")
+    plb_scope: str = _opt("step", "one head per step for the global batch [P], or per image [X]",
+                          choices=("step", "image"))
+    plb_lambda: float = _opt(0.99, "PLB update rate λ, eq. 4 [P]", ge=0, le=1)
+    plb_eps: float = _opt(0.2, "PLB temperature ε, eq. 4 [P]", gt=0)
+
+
+@dataclass
+class GPAConfig:
+    """GPA (SPEC §3): global patch-wise attention of one teacher head, soft-to-hard schedule."""
+    block: int = _opt(9, "scoring block (0-indexed; negative counts from the end) [C: ViT-B]")
+    head: int | str = _opt(11, "scoring head (0-indexed) or 'mean' (sum over heads) [C: ViT-B]")
+    queries: str = _opt("patches", "queries summed: patches without self [P] or all [C]", choices=("patches", "all"))
+    progress: str = _opt("epoch", "schedule progress by epoch [P] or step", choices=("epoch", "step"))
+    soft: tuple[float, float] = _opt((0.5, 0.0), "α_s from start to end, eq. 6 [P]")
+    hard: tuple[float, float] = _opt((0.0, 0.5), "α_h from start to end, eq. 6 [P]")
+    soft_probs: str = _opt("minmax", "sampling π: per-image min-max GPA [C] or softmax of z-score [S]",
+                           choices=("minmax", "zsoftmax"))
+
+
+@dataclass
+class CCMIMConfig:
+    """ccMIM (SPEC §4): CLS-attention importance, importance sampling of the masked set."""
+    importance: str = _opt("last", "last block [P, eq. 4] or sum over all blocks [C]", choices=("last", "all_blocks"))
+
+
+@dataclass
+class SBAMConfig:
+    """SBAM + AMR (SPEC §5): salience of the input tokens, noisy top-k, adaptive ratio."""
+    scaled: bool = _opt(False, "scale X·Xᵀ by 1/√D before the softmax [S]")
+    delta_r: float = _opt(0.15, "AMR half-range Δr, eq. 7 [P]", ge=0, lt=1)
+    threshold: float = _opt(0.1, "AMR salience threshold δ, eq. 7 [P]", ge=0, le=1)
+    amr_scope: str = _opt("image", "one ratio per image [P] or per rank's batch [C]", choices=("image", "local_batch"))
+    random_warmup_epochs: float = _opt(0.0, "random masking for the first epochs [S]", ge=0)
+
+
+@dataclass
+class ShotConfig:
+    """A later shot of multi-shot masking (SPEC §6): drop visible tokens inside the encoder."""
+    layer: int | float = _opt(10, "block index it acts before (≥ 1), or a fraction of depth in (0, 1)")
+    ratio: float = _opt(0.1, "fraction η of the still-visible patches it hides", ge=0, lt=1)
+    guide: str = _opt("random", "random [P], or the block's own GPA / CLS attention [X]",
+                      choices=("random", "gpa", "cls"))
+
+
 @dataclass
 class MaskingConfig:
-    strategy: str = _opt("random", "how patches are chosen for hiding", choices=("random",))
-    ratio: float = _opt(0.75, "fraction of patches hidden [MAE]", gt=0, lt=1)
+    strategy: str = _opt("random", "how patches are chosen for hiding", choices=STRATEGIES)
+    ratio: float = _opt(0.75, "fraction of patches hidden at the input [MAE]", ge=0, lt=1)
+    selector: str = _opt("auto", "turn scores into a mask; auto = the strategy's own",
+                         choices=("auto", "topk", "sample", "noisy_topk", "random", "block"))
+    noise_width: float | None = _opt(None, "noisy_topk width; null = the strategy's (SBAM 0.5, ccMIM 1)", ge=0)
+    score_source: str = _opt("auto", "network whose no-grad pass scores patches; auto = the paper's",
+                             choices=("auto", "teacher", "student", "input"))
+    idm: IDMConfig = field(default_factory=IDMConfig)
+    gpa: GPAConfig = field(default_factory=GPAConfig)
+    ccmim: CCMIMConfig = field(default_factory=CCMIMConfig)
+    sbam: SBAMConfig = field(default_factory=SBAMConfig)
+    shots: list[ShotConfig] = _opt([], "later shots inside the encoder, e.g. [{layer: 10, ratio: 0.1}]")
+    loss_weights: str = _opt("union", "multi-shot loss: one mean over all hidden [P], equal or ratio-weighted shots",
+                             choices=("union", "equal", "ratio"))
 
 
 @dataclass
 class TeacherConfig:
-    type: str = _opt("none", "score-producing teacher; the MAE baseline needs none", choices=("none",))
+    type: str = _opt("none", "none, an EMA of the student, or frozen weights from a checkpoint",
+                     choices=("none", "ema", "frozen"))
+    checkpoint: str | None = _opt(None, "frozen teacher weights: a mimscale checkpoint or an official MAE .pth")
+    model: str | None = _opt(None, "frozen teacher architecture (a model name); null = the student's")
+    momentum: float = _opt(0.996, "EMA momentum at the start of the cosine ramp [SPEC §7]", ge=0, le=1)
+    momentum_final: float = _opt(1.0, "EMA momentum at the end of training", ge=0, le=1)
 
 
 @dataclass
@@ -166,6 +234,8 @@ def _describe(tp) -> str:
         return " or ".join(_describe(a) for a in args) + " or null"
     if origin is tuple:
         return "[" + ", ".join(_describe(a) for a in typing.get_args(tp)) + "]"
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -177,7 +247,27 @@ def _coerce(key: str, value: Any, tp) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0])
+        for a in inner[:-1]:
+            try:
+                return _coerce(key, value, a)
+            except ConfigError:
+                pass
+        try:
+            return _coerce(key, value, inner[-1])
+        except ConfigError:
+            raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}") from None
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if dataclasses.is_dataclass(item):
+            out = []
+            for i, v in enumerate(value):
+                obj = item()
+                _apply(obj, v, f"{key}[{i}].")
+                out.append(obj)
+            return out
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -254,9 +344,47 @@ def _validate(cfg: Config) -> None:
     if cfg.data.source == "imagefolder" and not cfg.data.root:
         raise ConfigError("data.root: required when data.source=imagefolder (a folder of class "
                           "sub-folders of images); or use data.source=synthetic")
+    _validate_masking(cfg)
     for i, b in enumerate(cfg.optim.betas):
         if not 0 <= b < 1:
             raise ConfigError(f"optim.betas[{i}]: {b} must be in [0, 1)")
+
+
+_SCORE_SOURCE = {"idm": "student", "gpa": "teacher", "ccmim": "student", "sbam": "input", "sbam_amr": "input"}
+
+
+def score_source(masking) -> str | None:
+    """The network a strategy scores with: the configured one, else the paper's (SPEC §2–5)."""
+    if masking.strategy not in _SCORE_SOURCE:
+        return None
+    return _SCORE_SOURCE[masking.strategy] if masking.score_source == "auto" else masking.score_source
+
+
+def _validate_masking(cfg: Config) -> None:
+    m, t = cfg.masking, cfg.teacher
+    if m.ratio == 0 and not m.shots:
+        raise ConfigError("masking.ratio: 0 hides nothing; it is allowed only with later shots (masking.shots)")
+    if isinstance(m.gpa.head, str) and m.gpa.head != "mean":
+        raise ConfigError(f"masking.gpa.head: {m.gpa.head!r} is not valid; give a head index or 'mean'")
+    source = score_source(m)
+    if source == "teacher" and t.type == "none":
+        raise ConfigError(f"masking.strategy={m.strategy} scores with a teacher but teacher.type=none; "
+                          "set teacher.type=ema or teacher.type=frozen (with teacher.checkpoint)")
+    if t.type == "frozen" and not t.checkpoint:
+        raise ConfigError("teacher.checkpoint: required when teacher.type=frozen (a mimscale checkpoint "
+                          "folder or an official MAE .pth)")
+    if t.momentum > t.momentum_final:
+        raise ConfigError(f"teacher.momentum: {t.momentum} must not exceed teacher.momentum_final {t.momentum_final}")
+    layers = []
+    for i, shot in enumerate(m.shots):
+        layer = shot.layer
+        if isinstance(layer, float) and not (0 < layer < 1 or (layer >= 1 and layer.is_integer())):
+            raise ConfigError(f"masking.shots[{i}].layer: {layer} must be a block index ≥ 1 or a fraction in (0, 1)")
+        if not isinstance(layer, float) and layer < 1:
+            raise ConfigError(f"masking.shots[{i}].layer: {layer} must be ≥ 1 (shot 1 is the input masking)")
+        layers.append(layer)
+    if layers != sorted(layers) or len(set(layers)) != len(layers):
+        raise ConfigError(f"masking.shots: layers {layers} must be strictly increasing")
 
 
 # --------------------------------------------------------------------------- recipes
