@@ -7,9 +7,12 @@ needs no gather.
 
 from __future__ import annotations
 
+import copy
 import math
+from pathlib import Path
 
 import torch
+from torch import nn
 
 
 def ema_momentum(step: int, total_steps: int, base: float = 0.996, final: float = 1.0) -> float:
@@ -25,3 +28,55 @@ def ema_update_(teacher: list[torch.Tensor], student: list[torch.Tensor], moment
         raise ValueError(f"teacher has {len(teacher)} tensors, student {len(student)}")
     if teacher:
         torch._foreach_lerp_(teacher, student, 1.0 - momentum)
+
+
+class TeacherEncoder(nn.Module):
+    """The encoder parts a scorer needs (timm / MAE names), truncated after the scoring block.
+
+    Never trained by the optimizer (``requires_grad=False``), never exported with the student.
+    """
+
+    def __init__(self, patch_embed: nn.Module, cls_token: torch.Tensor, pos_embed: torch.Tensor,
+                 blocks: list[nn.Module]):
+        super().__init__()
+        self.patch_embed = patch_embed
+        self.cls_token = nn.Parameter(cls_token.detach().clone(), requires_grad=False)
+        self.pos_embed = nn.Parameter(pos_embed.detach().clone(), requires_grad=False)
+        self.blocks = nn.ModuleList(blocks)
+        self.requires_grad_(False)
+
+    @classmethod
+    def from_student(cls, student: nn.Module, depth: int) -> TeacherEncoder:
+        """A copy of the student's first ``depth`` blocks and embeddings (the EMA starting point)."""
+        return cls(copy.deepcopy(student.patch_embed), student.cls_token, student.pos_embed,
+                   [copy.deepcopy(b) for b in student.blocks[:depth]])
+
+    def ema_pairs(self, student: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(teacher tensors, the student tensors they follow), matched by name."""
+        mine = dict(self.named_parameters())
+        theirs = dict(student.named_parameters())
+        names = [n for n in mine if n != "pos_embed"]  # fixed sin-cos table: identical, not averaged
+        return [mine[n] for n in names], [theirs[n] for n in names]
+
+    def train(self, mode: bool = True) -> TeacherEncoder:
+        return super().train(False)  # always in eval mode (no drop path)
+
+
+def frozen_teacher(path: str, model_name: str, img_size: int, patch_size: int | None, depth: int) -> TeacherEncoder:
+    """A teacher from a checkpoint: a mimscale checkpoint folder or an official MAE ``.pth``
+    (encoder-only files included), truncated to ``depth`` blocks."""
+    from mimscale.pretrain.engine.checkpoint import STATE_FILE, load_checkpoint
+    from mimscale.pretrain.models import build_mae, load_mae_checkpoint
+    from mimscale.pretrain.models.export import read_state_dict
+
+    overrides = {"img_size": img_size, "decoder_depth": 1}
+    if patch_size is not None:
+        overrides["patch_size"] = patch_size
+    model = build_mae(model_name, **overrides)
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"teacher.checkpoint {p} does not exist")
+    state = load_checkpoint(p)["model"] if p.is_dir() or p.name == STATE_FILE else read_state_dict(p)
+    encoder = {k: v for k, v in state.items() if k != "mask_token" and not k.startswith("decoder_")}
+    load_mae_checkpoint(model, encoder)  # strict on every encoder key
+    return TeacherEncoder.from_student(model, depth)

@@ -55,6 +55,17 @@ def _read(path: str | os.PathLike) -> Any:
         return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def read_state_dict(path_or_state: str | os.PathLike | dict) -> dict:
+    """The bare state dict of an MAE-style checkpoint: unwraps ``model`` / ``state_dict`` and a
+    ``module.`` prefix."""
+    state = path_or_state if isinstance(path_or_state, dict) else _read(path_or_state)
+    for key in ("model", "state_dict"):
+        if isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
 def load_mae_checkpoint(model: nn.Module, path_or_state: str | os.PathLike | dict) -> LoadResult:
     """Load an MAE checkpoint (path or dict) into ``model``.
 
@@ -63,12 +74,7 @@ def load_mae_checkpoint(model: nn.Module, path_or_state: str | os.PathLike | dic
     official ``mae_pretrain_vit_*.pth``) loads the encoder strictly and reports the decoder keys
     it left at their initial values.
     """
-    state = path_or_state if isinstance(path_or_state, dict) else _read(path_or_state)
-    for key in ("model", "state_dict"):
-        if isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = read_state_dict(path_or_state)
 
     target = _unwrap(model)
     if any(_is_decoder_key(k) for k in state):
