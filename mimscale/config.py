@@ -375,6 +375,10 @@ def _validate_masking(cfg: Config) -> None:
                           "folder or an official MAE .pth)")
     if t.momentum > t.momentum_final:
         raise ConfigError(f"teacher.momentum: {t.momentum} must not exceed teacher.momentum_final {t.momentum_final}")
+    from mimscale.pretrain.masking.multishot import resolve_layer
+    from mimscale.pretrain.models import MODEL_SIZES
+
+    depth = MODEL_SIZES[cfg.model.name]["depth"]
     layers = []
     for i, shot in enumerate(m.shots):
         layer = shot.layer
@@ -382,9 +386,12 @@ def _validate_masking(cfg: Config) -> None:
             raise ConfigError(f"masking.shots[{i}].layer: {layer} must be a block index ≥ 1 or a fraction in (0, 1)")
         if not isinstance(layer, float) and layer < 1:
             raise ConfigError(f"masking.shots[{i}].layer: {layer} must be ≥ 1 (shot 1 is the input masking)")
-        layers.append(layer)
-    if layers != sorted(layers) or len(set(layers)) != len(layers):
-        raise ConfigError(f"masking.shots: layers {layers} must be strictly increasing")
+        try:
+            layers.append(resolve_layer(layer, depth))
+        except ValueError as e:
+            raise ConfigError(f"masking.shots[{i}].layer: {e}") from None
+    if layers != sorted(set(layers)):
+        raise ConfigError(f"masking.shots: layers resolve to blocks {layers}; they must be strictly increasing")
 
 
 # --------------------------------------------------------------------------- recipes
