@@ -43,6 +43,8 @@ def _cmd_config_recipes(args) -> int:
 # its parsers with ``set_defaults(func=...)``; a handler returns the exit code.
 COMMAND_MODULES: list[str] = [
     "mimscale.tools.bench",
+    "mimscale.tools.visualize",
+    "mimscale.tools.select_head",
 ]
 
 

@@ -65,10 +65,23 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = _opt("imagefolder", "where images come from", choices=("imagefolder", "synthetic"))
+    source: str = _opt("imagefolder", "where images come from: an ImageFolder, generated images, "
+                       "webdataset tar shards or an FFCV .beton",
+                       choices=("imagefolder", "synthetic", "wds", "ffcv"))
     root: str | None = _opt(None, "ImageFolder root (its `train/` split is used if present)")
+    urls: str | list[str] | None = _opt(
+        None, "wds: tar shards (paths, brace patterns like 'train-{000000..000127}.tar', globs, an "
+        "index .json, pipe:COMMAND); ffcv: the .beton file")
+    allow_pipe: bool = _opt(False, "allow pipe:COMMAND URLs (they run a shell command)")
     batch_size: int = _opt(64, "images per process per micro-step", gt=0)
     num_workers: int = _opt(8, "data loader worker processes", ge=0)
+    remainder: str = _opt("drop", "samples beyond a multiple of ranks x batch each epoch: drop "
+                          "them, or pad by repeating the epoch's first ones", choices=("drop", "pad"))
+    max_bad_fraction: float = _opt(0.01, "stop when more than this fraction of a rank's samples in "
+                                   "one epoch are unreadable (0 = stop at the first)", ge=0, le=1)
+    views: str = _opt("mae", "augmented views per image: MAE's one, or MoCo v3's two",
+                      choices=("mae", "mocov3"))
+    fast_decode: bool = _opt(True, "decode JPEGs at the smallest DCT scale the crop allows")
     crop_scale: tuple[float, float] = _opt((0.2, 1.0), "RandomResizedCrop area range [MAE]")
     hflip: bool = _opt(True, "random horizontal flip [MAE]")
     synthetic_images: int = _opt(2048, "images generated when source=synthetic", gt=0)
@@ -181,11 +194,28 @@ class ScheduleConfig:
 
 @dataclass
 class EngineConfig:
-    backend: str = _opt("ddp", "parallelism backend (single process or DDP)", choices=("ddp",))
+    backend: str = _opt("ddp", "ddp (also single process), fsdp (FSDP2, sharded) or deepspeed (ZeRO)",
+                        choices=("ddp", "fsdp", "deepspeed"))
+    zero_stage: int = _opt(2, "DeepSpeed ZeRO stage: 1 optimizer state, 2 + gradients, 3 + parameters "
+                           "sharded", choices=(1, 2, 3))
     device: str = _opt("auto", "compute device", choices=("auto", "cpu", "cuda"))
-    precision: str = _opt("bf16", "autocast dtype; params and losses stay fp32", choices=("bf16", "fp32"))
+    precision: str = _opt("bf16", "compute dtype (autocast; FSDP also gathers bf16 params); master "
+                          "params, gradient reduction and losses stay fp32", choices=("bf16", "fp32"))
     seed: int = _opt(0, "seed of data order, augmentation, masks and init", ge=0)
     threads: int | None = _opt(None, "torch intra-op threads per process; null = torch default", ge=1)
+    activation_checkpointing: bool = _opt(False, "recompute each transformer block in backward: "
+                                          "less activation memory for ~30% more compute")
+    compile: bool = _opt(False, "torch.compile each transformer block (worth it on GPUs; slow to "
+                         "start on CPUs)")
+    cpu_offload: bool = _opt(False, "keep sharded params/grads (fsdp) or optimizer state (deepspeed) "
+                             "in CPU memory")
+    deepspeed_config: str | None = _opt(None, "JSON file merged over the generated DeepSpeed config")
+    preempt_signals: list[str] = _opt(["SIGUSR1", "SIGUSR2", "SIGTERM"],
+                                      "signals that checkpoint at the next step and exit cleanly; "
+                                      "[] = none (drop SIGUSR1 where NCCL uses it)")
+    max_nonfinite_steps: int = _opt(10, "consecutive non-finite steps skipped before the run stops "
+                                    "(0 = stop at the first)", ge=0)
+    memory_report_steps: int = _opt(2, "report per-rank memory after this many steps; 0 = never", ge=0)
 
 
 @dataclass
@@ -199,7 +229,8 @@ class LoggingConfig:
 @dataclass
 class OutputConfig:
     dir: str = _opt("runs/pretrain", "run folder: config, checkpoints, logs, figures")
-    checkpoint_every: int = _opt(1000, "optimizer steps between checkpoints (and one at the end)", ge=1)
+    checkpoint_every: int = _opt(1000, "optimizer steps between checkpoints (also one at the end and "
+                                 "one on a preemption signal)", ge=1)
     keep_last: int | None = _opt(3, "complete checkpoints kept; null keeps all", ge=1)
 
 
@@ -338,16 +369,54 @@ def _validate(cfg: Config) -> None:
     patch = cfg.model.patch_size or int(cfg.model.name.rsplit("patch", 1)[-1])
     if cfg.model.img_size % patch:
         raise ConfigError(f"model.img_size: {cfg.model.img_size} is not a multiple of the patch size {patch}")
-    lo, hi = cfg.data.crop_scale
-    if not 0 < lo <= hi <= 1:
-        raise ConfigError(f"data.crop_scale: {list(cfg.data.crop_scale)} must satisfy 0 < min <= max <= 1")
-    if cfg.data.source == "imagefolder" and not cfg.data.root:
-        raise ConfigError("data.root: required when data.source=imagefolder (a folder of class "
-                          "sub-folders of images); or use data.source=synthetic")
+    _validate_data(cfg.data)
     _validate_masking(cfg)
+    _validate_engine(cfg)
     for i, b in enumerate(cfg.optim.betas):
         if not 0 <= b < 1:
             raise ConfigError(f"optim.betas[{i}]: {b} must be in [0, 1)")
+
+
+def _validate_data(d: DataConfig) -> None:
+    lo, hi = d.crop_scale
+    if not 0 < lo <= hi <= 1:
+        raise ConfigError(f"data.crop_scale: {list(d.crop_scale)} must satisfy 0 < min <= max <= 1")
+    if d.source == "imagefolder" and not d.root:
+        raise ConfigError("data.root: required when data.source=imagefolder (a folder of class "
+                          "sub-folders of images); or use data.source=synthetic")
+    urls = [d.urls] if isinstance(d.urls, str) else list(d.urls or [])
+    if d.source in ("wds", "ffcv") and not any(u.strip() for u in urls):
+        what = ("tar shards, e.g. data.urls='/data/train-{000000..000127}.tar'" if d.source == "wds"
+                else "the .beton file, e.g. data.urls=/data/train.beton")
+        raise ConfigError(f"data.urls: required when data.source={d.source} ({what})")
+    if urls and d.source not in ("wds", "ffcv"):
+        raise ConfigError(f"data.urls: only read when data.source is wds or ffcv (it is {d.source}); "
+                          "an ImageFolder is given by data.root")
+    if d.source == "ffcv" and len(urls) != 1:
+        raise ConfigError(f"data.urls: data.source=ffcv reads one .beton file, got {d.urls!r}")
+    piped = [u for u in urls if u.startswith("pipe:")]
+    if piped and not d.allow_pipe:
+        raise ConfigError(f"data.urls: {piped[0]!r} runs a shell command; set data.allow_pipe=true "
+                          "to allow pipe: URLs")
+
+
+def _validate_engine(cfg: Config) -> None:
+    import signal
+
+    e = cfg.engine
+    for name in e.preempt_signals:
+        full = name if name.upper().startswith("SIG") else f"SIG{name}"
+        if full.upper() in ("SIGKILL", "SIGSTOP") or not hasattr(signal, full.upper()):
+            raise ConfigError(f"engine.preempt_signals: {name!r} is not a signal a process can catch; "
+                              "valid e.g. SIGUSR1, SIGUSR2, SIGTERM, SIGINT")
+    if e.cpu_offload and e.backend == "ddp":
+        raise ConfigError("engine.cpu_offload: needs engine.backend=fsdp or deepspeed (DDP keeps "
+                          "everything on the device)")
+    if e.deepspeed_config is not None:
+        if e.backend != "deepspeed":
+            raise ConfigError("engine.deepspeed_config: only used with engine.backend=deepspeed")
+        if not Path(e.deepspeed_config).is_file():
+            raise ConfigError(f"engine.deepspeed_config: file {e.deepspeed_config} does not exist")
 
 
 _SCORE_SOURCE = {"idm": "student", "gpa": "teacher", "ccmim": "student", "sbam": "input", "sbam_amr": "input"}
@@ -468,6 +537,16 @@ def load_config(overrides: list[str] | None = None, recipe: str | None = None) -
     cfg.recipe = recipe
     _validate(cfg)
     return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """A copy of ``cfg`` with ``key=value`` overrides applied and the whole validated again."""
+    import copy
+
+    out = copy.deepcopy(cfg)
+    _apply(out, parse_overrides(list(overrides)))
+    _validate(out)
+    return out
 
 
 # --------------------------------------------------------------------------- saving

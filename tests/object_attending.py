@@ -15,6 +15,7 @@ positional term, so strongly coloured (object) tokens dominate the affinity ``X 
 import torch
 
 from mimscale.data_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
+from mimscale.tools.common import synthetic_with_foreground
 
 SAT = 4  # residual channel holding the saturation feature
 
@@ -62,19 +63,8 @@ def install_object_salience(model, gain: float = 1.0):
 
 
 def synthetic_batch(n: int, size: int = 64, patch: int = 8, seed: int = 0):
-    """Normalised images ``[n, 3, size, size]`` and patch foreground ``[n, N]`` (≥ half the patch
-    covered by an object), from the synthetic generator."""
-    from mimscale.data_pipeline.synthetic import sample_at
-
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    images, fg = [], []
-    g = size // patch
-    for i in range(n):
-        s = sample_at(seed, i, size=size)
-        images.append((torch.tensor(s.image).permute(2, 0, 1).float() / 255 - mean) / std)
-        obj = torch.tensor(s.instance_map() > 0).float().view(g, patch, g, patch)
-        fg.append(obj.permute(0, 2, 1, 3).reshape(g * g, patch * patch).mean(1) >= 0.5)
-    return torch.stack(images), torch.stack(fg)
+    """Normalised images ``[n, 3, size, size]`` and patch foreground ``[n, N]``."""
+    return synthetic_with_foreground(n, size, patch, seed)
 
 
 def object_coverage(mask: torch.Tensor, fg: torch.Tensor) -> tuple[float, float]:
