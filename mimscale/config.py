@@ -168,9 +168,39 @@ class TeacherConfig:
 
 
 @dataclass
+class MAMConfig:
+    """GPA's masked attention modeling (SPEC §3): predict the teacher's z-scored GPA."""
+    weight: float = _opt(0.0, "weight of L_GPA; 0 = off (recipe gpa: 1 [P])", ge=0)
+    head: str = _opt("linear", "linear head on the decoder trunk, hidden patches [S]; or a second decoder, "
+                     "all patches [C]", choices=("linear", "decoder"))
+    start: float = _opt(0.75, "fraction of training after which the decoder variant is on [C]", ge=0, le=1)
+
+
+@dataclass
+class InfoNCEConfig:
+    """CAMAE's two-view contrast (SPEC §2, MoCo v3): online projector+predictor vs momentum encoder."""
+    weight: float = _opt(0.0, "weight of L_c; 0 = off (recipe camae_plb: 1 [P])", ge=0)
+    tau: float = _opt(0.2, "temperature τ [P]", gt=0)
+    dim: int = _opt(256, "projection width [P]", ge=1)
+    hidden: int = _opt(4096, "projector/predictor hidden width [MoCo v3]", ge=1)
+
+
+@dataclass
+class CCMIMContrastConfig:
+    """ccMIM's visible-vs-masked CLS contrast (SPEC §4)."""
+    weight: float = _opt(0.0, "λ; 0 = off (recipe ccmim: 0.2 [P], ccmim_code: 0.1 [C])", ge=0)
+    variant: str = _opt("nce", "eq. 7 [P], the code's CE [C], or eq. 8 alignment [P]", choices=("nce", "code", "align"))
+    tau: float = _opt(0.5, "temperature τ [C]", gt=0)
+    dim: int = _opt(256, "projection width [C]", ge=1)
+
+
+@dataclass
 class ObjectivesConfig:
     norm_pix_loss: bool = _opt(True, "per-patch normalised pixel targets [MAE]")
     pixel_weight: float = _opt(1.0, "weight of the pixel reconstruction loss", ge=0)
+    mam: MAMConfig = field(default_factory=MAMConfig)
+    infonce: InfoNCEConfig = field(default_factory=InfoNCEConfig)
+    ccmim: CCMIMContrastConfig = field(default_factory=CCMIMContrastConfig)
 
 
 @dataclass
@@ -442,6 +472,14 @@ def _validate_masking(cfg: Config) -> None:
     if t.type == "frozen" and not t.checkpoint:
         raise ConfigError("teacher.checkpoint: required when teacher.type=frozen (a mimscale checkpoint "
                           "folder or an official MAE .pth)")
+    o = cfg.objectives
+    if o.mam.weight > 0 and m.strategy != "gpa":
+        raise ConfigError(f"objectives.mam.weight: MAM predicts the GPA score, so it needs masking.strategy=gpa "
+                          f"(got {m.strategy})")
+    if o.infonce.weight > 0 and t.type != "ema":
+        raise ConfigError("objectives.infonce.weight: the two-view contrast needs a momentum encoder: teacher.type=ema")
+    if o.infonce.weight > 0 and getattr(cfg.data, "views", "mocov3") != "mocov3":
+        raise ConfigError("objectives.infonce.weight: the two-view contrast needs two views: data.views=mocov3")
     if t.momentum > t.momentum_final:
         raise ConfigError(f"teacher.momentum: {t.momentum} must not exceed teacher.momentum_final {t.momentum_final}")
     from mimscale.pretrain.masking.multishot import resolve_layer

@@ -8,17 +8,28 @@ the student's official-MAE-layout weights, never mixed into them.
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from mimscale.config import score_source
 from mimscale.pretrain.masking.multishot import ShotPlan
 from mimscale.pretrain.masking.strategies import MaskingContext, MaskResult, build_strategy
 from mimscale.pretrain.models import MAEOutput, build_mae
+from mimscale.pretrain.objectives import (
+    MAMDecoder,
+    MAMHead,
+    MLPHead,
+    ccmim_align,
+    ccmim_code,
+    ccmim_nce,
+    infonce,
+    mam_loss,
+    shot_weighted_pixel_loss,
+)
 from mimscale.pretrain.teacher import TeacherEncoder, ema_momentum, ema_update_, frozen_teacher
 
 STUDENT = "student."
@@ -80,10 +91,31 @@ class MIMMethod(nn.Module):
         self.loss_weights = cfg.masking.loss_weights
         self.shot_ratios = [cfg.masking.ratio] + (self.plan.ratios if self.plan else [])
         self.pixel_weight = cfg.objectives.pixel_weight
+        self._build_heads(cfg.objectives, cfg.model)
         self.ema_teacher = cfg.teacher.type == "ema"
         self.momentum = (cfg.teacher.momentum, cfg.teacher.momentum_final)
         self.seed = cfg.engine.seed
         self.set_progress(0, 1, 1)
+
+    def _build_heads(self, o, m) -> None:
+        """The objectives' extra modules; absent when their weight is 0 (nothing unused in DDP)."""
+        width = self.student.cls_token.shape[-1]
+        self.mam = o.mam
+        if o.mam.weight > 0:
+            if o.mam.head == "linear":
+                self.mam_head = MAMHead(m.decoder_embed_dim)
+            else:
+                self.mam_head = MAMDecoder(self.student, m.decoder_embed_dim, m.decoder_depth, m.decoder_num_heads)
+        self.nce = o.infonce
+        if o.infonce.weight > 0:
+            self.projector = MLPHead(width, o.infonce.hidden, o.infonce.dim, 3, out_bn=True)
+            self.predictor = MLPHead(o.infonce.dim, o.infonce.hidden, o.infonce.dim, 2, out_bn=False)
+            self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
+        self.cc = o.ccmim
+        if o.ccmim.weight > 0:
+            self.cc_projector = MLPHead(width, width, o.ccmim.dim, 2, out_bn=True)
+            if o.ccmim.variant == "align":
+                self.cc_predictor = MLPHead(o.ccmim.dim, width, o.ccmim.dim, 2, out_bn=False)
 
     # ------------------------------------------------------------------ schedule
 
@@ -113,28 +145,58 @@ class MIMMethod(nn.Module):
 
     # ------------------------------------------------------------------ step
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator) -> StepOutput:
+    def forward(self, images: torch.Tensor, generator: torch.Generator,
+                views: torch.Tensor | None = None) -> StepOutput:
+        """One batch -> the total loss. ``images`` is the (first) view the student reconstructs;
+        ``views`` the second view of two-view recipes (CAMAE)."""
         t0 = time.perf_counter()
         masked = self.make_mask(images, generator)
         mask_time = torch.tensor(1000 * (time.perf_counter() - t0))
         out = self.student(images, masked.mask, self.plan, generator)
         self.strategy.observe(out.loss_per_image)
-        pixel, shot_terms = self.pixel_objective(out)
-        terms = {"loss_pixel": pixel.detach(), **shot_terms, "mask_time_ms": mask_time,
-                 **{k: torch.as_tensor(v) for k, v in (masked.logs or {}).items()}}
-        return StepOutput(self.pixel_weight * pixel, terms, out)
+        pixel, shot_means = shot_weighted_pixel_loss(out.loss_per_patch, out.shot_masks, self.loss_weights,
+                                                     self.shot_ratios)
+        loss = self.pixel_weight * pixel
+        terms = {"loss_pixel": pixel.detach(), "mask_time_ms": mask_time}
+        if len(shot_means) > 1:
+            terms.update({f"loss_shot{i + 1}": v.detach() for i, v in enumerate(shot_means)})
+        for name, weight, term in self._extra_terms(images, views, masked, out):
+            loss = loss + weight * term
+            terms[f"loss_{name}"] = term.detach()
+        terms.update({k: torch.as_tensor(v) for k, v in (masked.logs or {}).items()})
+        return StepOutput(loss, terms, out)
 
-    def pixel_objective(self, out: MAEOutput) -> tuple[torch.Tensor, dict]:
-        """MAE loss over every hidden patch, whichever shot hid it (SPEC §6 weights: union, equal,
-        ratio). The mean's denominator is the global count, so ragged batches (AMR) weigh every
-        hidden patch equally across ranks."""
-        per_patch = out.loss_per_patch
-        means = [(per_patch * m).sum() / _global_count(m) for m in out.shot_masks]
-        terms = {f"loss_shot{i + 1}": v.detach() for i, v in enumerate(means)} if len(means) > 1 else {}
-        if self.loss_weights == "union" or len(means) == 1:
-            return (per_patch * out.mask).sum() / _global_count(out.mask), terms
-        weights = [1 / len(means)] * len(means) if self.loss_weights == "equal" else self.shot_ratios
-        return sum(w * v for w, v in zip(weights, means)), terms
+    def _extra_terms(self, images, views, masked: MaskResult, out: MAEOutput):
+        """(name, weight, loss) of every objective beyond pixels that this recipe switches on."""
+        if self.mam.weight > 0:
+            if isinstance(self.mam_head, MAMHead):
+                yield "mam", self.mam.weight, mam_loss(self.mam_head(out.decoder_features), masked.score, out.mask)
+            else:  # the code's second decoder: all patches, only late in training (0 x before: no unused params)
+                on = float(self.step >= self.mam.start * self.total_steps)
+                yield "mam", self.mam.weight * on, mam_loss(self.mam_head(out.latent, out.mask), masked.score)
+        if self.nce.weight > 0:
+            if views is None:
+                raise ValueError("objectives.infonce needs a second view per image: set data.views=mocov3")
+            q1, q2 = (self.predictor(self.projector(self._student_cls(v))) for v in (images, views))
+            with torch.no_grad():
+                k1, k2 = (self.momentum_projector(self.teacher.cls_output(v)) for v in (images, views))
+            yield "contrast", self.nce.weight, infonce(q1, k2, self.nce.tau) + infonce(q2, k1, self.nce.tau)
+        if self.cc.weight > 0:
+            h_v = self.cc_projector(out.latent[:, 0])
+            with torch.no_grad():  # the masked set through the encoder, without gradient
+                h_m = self.cc_projector(self.student.encode(images, ~masked.mask).latent[:, 0])
+            if self.cc.variant == "nce":
+                term = ccmim_nce(h_v, h_m, self.cc.tau)
+            elif self.cc.variant == "code":
+                term = ccmim_code(h_v, h_m, self.cc.tau)
+            else:
+                term = ccmim_align(self.cc_predictor(h_v), h_m)
+            yield "contrast", self.cc.weight, term
+
+    def _student_cls(self, images: torch.Tensor) -> torch.Tensor:
+        """The student encoder's CLS after the final norm on the full image, with gradient."""
+        visible = torch.zeros(images.shape[0], self.student.num_patches, dtype=torch.bool, device=images.device)
+        return self.student.forward_encoder(images, visible)[:, 0]
 
     @torch.no_grad()
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
@@ -143,6 +205,8 @@ class MIMMethod(nn.Module):
             return
         m = ema_momentum(step, total_steps, *self.momentum)
         ema_update_(*self.teacher.ema_pairs(self.student), m)
+        if self.nce.weight > 0:
+            ema_update_(list(self.momentum_projector.parameters()), list(self.projector.parameters()), m)
 
     # ------------------------------------------------------------------ state
 
@@ -160,13 +224,3 @@ class MIMMethod(nn.Module):
     def join_state_dict(student: dict, rest: dict) -> dict:
         return {**{STUDENT + k: v for k, v in student.items()}, **rest}
 
-
-def _global_count(mask: torch.Tensor) -> torch.Tensor:
-    """Hidden patches per rank on average over ranks: with DDP's gradient averaging, sum/this is
-    the exact mean over the global batch even when ranks hide different counts."""
-    count = mask.sum().float()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        count = count.clone()
-        dist.all_reduce(count)
-        count = count / dist.get_world_size()
-    return count.clamp_min(1.0)

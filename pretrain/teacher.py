@@ -37,19 +37,32 @@ class TeacherEncoder(nn.Module):
     """
 
     def __init__(self, patch_embed: nn.Module, cls_token: torch.Tensor, pos_embed: torch.Tensor,
-                 blocks: list[nn.Module]):
+                 blocks: list[nn.Module], norm: nn.Module | None = None):
         super().__init__()
         self.patch_embed = patch_embed
         self.cls_token = nn.Parameter(cls_token.detach().clone(), requires_grad=False)
         self.pos_embed = nn.Parameter(pos_embed.detach().clone(), requires_grad=False)
         self.blocks = nn.ModuleList(blocks)
+        self.norm = norm  # only a full-depth teacher (a momentum encoder) keeps the final norm
         self.requires_grad_(False)
 
     @classmethod
     def from_student(cls, student: nn.Module, depth: int) -> TeacherEncoder:
         """A copy of the student's first ``depth`` blocks and embeddings (the EMA starting point)."""
+        norm = copy.deepcopy(student.norm) if depth == len(student.blocks) else None
         return cls(copy.deepcopy(student.patch_embed), student.cls_token, student.pos_embed,
-                   [copy.deepcopy(b) for b in student.blocks[:depth]])
+                   [copy.deepcopy(b) for b in student.blocks[:depth]], norm)
+
+    def cls_output(self, images: torch.Tensor) -> torch.Tensor:
+        """CLS after the final norm on the full image, ``[B, D]`` (the momentum branch of CAMAE)."""
+        if self.norm is None:
+            raise RuntimeError("this teacher was truncated for scoring; a momentum encoder needs every block")
+        x = self.patch_embed(images) + self.pos_embed[:, 1:]
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls.to(x.dtype), x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)[:, 0]
 
     def ema_pairs(self, student: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(teacher tensors, the student tensors they follow), matched by name."""

@@ -17,7 +17,8 @@ from .vit import Block, PatchEmbed, get_2d_sincos_pos_embed
 
 class MAEOutput(NamedTuple):
     """``loss`` scalar; ``pred [B, N, p*p*C]``; ``mask [B, N]`` (True = hidden, the union of all
-    shots); ``loss_per_image [B]``; ``loss_per_patch [B, N]``; ``shot_masks``: what each shot hid."""
+    shots); ``loss_per_image [B]``; ``loss_per_patch [B, N]``; ``shot_masks``: what each shot hid;
+    ``latent`` and ``decoder_features`` for the objectives that read them."""
 
     loss: torch.Tensor
     pred: torch.Tensor
@@ -25,6 +26,8 @@ class MAEOutput(NamedTuple):
     loss_per_image: torch.Tensor
     loss_per_patch: torch.Tensor | None = None
     shot_masks: list | None = None
+    latent: torch.Tensor | None = None            # encoder output [B, 1+K, D], CLS first
+    decoder_features: torch.Tensor | None = None  # decoder trunk [B, N, Dd]
 
 
 class Encoded(NamedTuple):
@@ -177,6 +180,11 @@ class MaskedAutoencoderViT(nn.Module):
 
     def forward_decoder(self, latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``latent [B, 1+K, D]`` -> ``pred [B, N, p*p*C]``; mask tokens fill the hidden slots."""
+        return self.decoder_pred(self.decoder_trunk(latent, mask))
+
+    def decoder_trunk(self, latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The decoder up to its final norm, patch tokens only, ``[B, N, Dd]``: the shared trunk that
+        the pixel head (and GPA's MAM head) read."""
         ids, pad = self.visible_slots(mask)
         if latent.shape[1] != ids.shape[1] + 1:
             raise ValueError(f"latent has {latent.shape[1] - 1} patch tokens but the mask shows "
@@ -191,8 +199,7 @@ class MaskedAutoencoderViT(nn.Module):
         x = torch.cat([x[:, :1], full], dim=1) + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             x = blk(x)
-        x = self.decoder_pred(self.decoder_norm(x))
-        return x[:, 1:]
+        return self.decoder_norm(x)[:, 1:]
 
     def pixel_loss(self, imgs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
         """Per-patch MSE ``[B, N]`` against (norm-pix) targets, in float32 even under autocast."""
@@ -216,12 +223,13 @@ class MaskedAutoencoderViT(nn.Module):
     def forward(self, imgs: torch.Tensor, mask: torch.Tensor, plan=None,
                 generator: torch.Generator | None = None) -> MAEOutput:
         enc = self.encode(imgs, mask, plan, generator)
-        pred = self.forward_decoder(enc.latent, enc.mask)
+        features = self.decoder_trunk(enc.latent, enc.mask)
+        pred = self.decoder_pred(features)
         per_patch = self.pixel_loss(imgs, pred)
         m = enc.mask.float()
         loss = (per_patch * m).sum() / m.sum().clamp_min(1.0)
         loss_per_image = (per_patch * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
-        return MAEOutput(loss, pred, enc.mask, loss_per_image, per_patch, enc.shot_masks)
+        return MAEOutput(loss, pred, enc.mask, loss_per_image, per_patch, enc.shot_masks, enc.latent, features)
 
     # -------------------------------------------------------------------------------- export
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
