@@ -151,3 +151,39 @@ def test_negatives_from_the_global_batch_on_two_ranks():
     cos = torch.nn.functional.cosine_similarity(local.flatten(), full_v.grad.flatten(), dim=0)
     assert float(cos) > 0.5
     assert results[0]["gather_shape"] == (6, 8) and results[0]["gather_local_grad"]
+
+
+def _plb_worker(rank, port, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=__import__("datetime").timedelta(seconds=60))
+    try:
+        from mimscale.config import load_config
+        from mimscale.pretrain.method import MIMMethod
+
+        cfg = load_config(["model.name=mae_vit_tiny_patch16", "model.img_size=32", "model.patch_size=8",
+                           "model.decoder_depth=1", "data.source=synthetic", "masking.strategy=idm",
+                           "masking.idm.plb_scope=image", f"engine.seed={rank}"])
+        idm = MIMMethod(cfg).strategy
+        # each rank sees different heads and losses during the epoch
+        heads = [torch.tensor([0, 1, 1]), torch.tensor([2, 2, 0])][rank]
+        losses = [torch.tensor([1.0, 2.0, 4.0]), torch.tensor([3.0, 5.0, 2.0])][rank]
+        idm._heads = heads
+        idm.observe(losses)
+        idm.end_epoch(1)
+        results[rank] = idm.p.clone()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_plb_update_is_identical_on_two_ranks():
+    """Eq. 4 over per-head means pooled across ranks: head 0 {1, 2}, head 1 {2, 4}, head 2 {3, 5}."""
+    from mimscale.pretrain.masking.functional import plb_update
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_plb_worker, args=(_free_port(), results), nprocs=2, join=True)
+        p0, p1 = results[0], results[1]
+    assert torch.equal(p0, p1)
+    want = plb_update(torch.full((3,), 1 / 3), torch.tensor([1.5, 3.0, 4.0]), 0.99, 0.2)
+    torch.testing.assert_close(p0.float(), want)
+    assert int(p0.argmax()) == 2
