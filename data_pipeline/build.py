@@ -30,10 +30,8 @@ def imagefolder_root(root: str | Path) -> Path:
     return root / "train" if (root / "train").is_dir() else root
 
 
-def build_pretrain_data(cfg_data, img_size: int, seed: int, rank: int = 0, world_size: int = 1):
-    """A resumable loader of augmented images for ``cfg_data`` (see ``loader.PretrainLoader``)."""
-    from .loader import build_pretrain_loader
-
+def build_source(cfg_data, rank: int = 0, world_size: int = 1):
+    """The source ``data.source`` names; whatever must be scanned or generated is done by rank 0."""
     if cfg_data.source == "synthetic":
         from .synthetic import ensure_imagefolder
 
@@ -42,11 +40,63 @@ def build_pretrain_data(cfg_data, img_size: int, seed: int, rank: int = 0, world
             ensure_imagefolder(root, cfg_data.synthetic_images, size=cfg_data.synthetic_size,
                                seed=SYNTHETIC_SEED, progress=True)
         _barrier(world_size)
-    else:
-        root = cfg_data.root
-    return build_pretrain_loader(imagefolder_root(root), img_size, cfg_data.batch_size, seed,
-                                 cfg_data.num_workers, crop_scale=tuple(cfg_data.crop_scale),
-                                 hflip=cfg_data.hflip, rank=rank, world_size=world_size)
+    if cfg_data.source in ("imagefolder", "synthetic"):
+        from .sources.imagefolder import ImageFolderSource
+
+        root = synthetic_root(cfg_data) if cfg_data.source == "synthetic" else cfg_data.root
+        return ImageFolderSource(imagefolder_root(root))
+    if cfg_data.source == "wds":
+        from .sources.wds import TarShardSource
+
+        # Counting samples may read every shard's headers: once, on rank 0, shared with the rest.
+        sizes = _on_rank0(lambda: TarShardSource(cfg_data.urls, cfg_data.allow_pipe).shard_sizes,
+                          rank, world_size)
+        return TarShardSource(cfg_data.urls, cfg_data.allow_pipe, shard_sizes=sizes)
+    if cfg_data.source == "ffcv":
+        from .sources.beton import BetonSource
+
+        urls = [cfg_data.urls] if isinstance(cfg_data.urls, str) else list(cfg_data.urls or [])
+        if len(urls) != 1:
+            raise ValueError(f"data.urls: data.source=ffcv reads one .beton file, got {urls!r}")
+        return BetonSource(urls[0])
+    raise ValueError(f"data.source: unknown source {cfg_data.source!r}")
+
+
+def build_views(cfg_data, img_size: int):
+    from .views import mae_views, mocov3_views
+
+    if cfg_data.views == "mocov3":
+        return mocov3_views(img_size, tuple(cfg_data.crop_scale))
+    return mae_views(img_size, tuple(cfg_data.crop_scale), cfg_data.hflip)
+
+
+def build_pretrain_data(cfg_data, img_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    """A resumable, exactly-once loader of augmented views for ``cfg_data`` (``loader.PretrainLoader``)."""
+    from .loader import PretrainLoader
+
+    return PretrainLoader(build_source(cfg_data, rank, world_size), build_views(cfg_data, img_size),
+                          cfg_data.batch_size, seed, cfg_data.num_workers, rank, world_size,
+                          remainder=cfg_data.remainder, max_bad_fraction=cfg_data.max_bad_fraction,
+                          fast_decode=cfg_data.fast_decode)
+
+
+def _on_rank0(fn, rank: int, world_size: int):
+    """``fn()`` computed on rank 0 and shared; an error there is raised on every rank (no hang)."""
+    if world_size == 1:
+        return fn()
+    import torch.distributed as dist
+
+    box = [None]
+    if rank == 0:
+        try:
+            box = [(True, fn())]
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            box = [(False, e)]
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
 
 
 def _barrier(world_size: int) -> None:

@@ -1,55 +1,58 @@
-"""Resumable, deterministic pretraining loader.
+"""The resumable, exactly-once pretraining loader shared by every source.
 
-Why: a preempted run that resumes mid-epoch must see exactly the batches (images *and*
-augmentations) an uninterrupted run would have seen, for any ``num_workers``. Hence:
+Why this shape: a preempted run that resumes mid-epoch must see exactly the batches (samples *and*
+augmentations) an uninterrupted run would have seen next, and every rank must get the same number
+of full batches so DDP never hangs. Hence:
 
-* the order is a pure function of ``(seed, epoch)`` (``EpochSampler``), and a resume position is
-  just ``(epoch, batch_in_epoch)``;
-* each sample's augmentation RNG is seeded from ``(seed, epoch, index)`` right before its
-  transform, so it does not depend on which worker loads it or on what was loaded before.
+* which samples each (rank, worker) reads, and in which order, is a pure function of
+  ``(seed, epoch)`` and the layout (``plan.EpochPlan``); a resume position is
+  ``(epoch, batch_in_epoch)``;
+* each sample's augmentation is drawn from a generator seeded by ``(seed, epoch, position)``, so it
+  does not depend on which process decodes it or on what was decoded before;
+* a sample that cannot be read or decoded is replaced by a neighbour (the batch stays full),
+  counted, and logged with its shard and key; too many in one epoch stop the run.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import warnings
-from collections.abc import Callable, Iterator
+import random
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .plan import EpochPlan, mix_seed
 from .sources.imagefolder import ImageFolderSource
-from .transforms import mae_train_transform
+from .views import ViewSpec, decode_views, mae_views, normalize_uint8
+
+log = logging.getLogger("mimscale.data")
+
+_AUG = 1  # domain tag of augmentation seeds (plan.py uses others)
 
 
-def mix_seed(*ints: int) -> int:
-    """Well-mixed 63-bit seed from a tuple of non-negative ints (nearby tuples -> unrelated)."""
-    return int(np.random.SeedSequence(list(ints)).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
-_PERM, _AUG = 0, 1  # domain tags so permutation and augmentation seeds never coincide
+class BadDataError(RuntimeError):
+    """Too many unreadable samples: the data, not the code, needs fixing."""
 
 
 class EpochSampler:
-    """Per-epoch permutation seeded by ``(seed, epoch)``, sharded as ``perm[rank::world_size]``.
+    """Exactly-once sampler over ``num_samples`` indices for map-style datasets (e.g. evaluation):
+    the rank's contiguous chunk of a per-epoch permutation seeded by ``(seed, epoch)``, the
+    remainder dropped so every rank gets ``per_rank`` indices. ``set_epoch(epoch, start)`` starts
+    iteration at offset ``start``."""
 
-    The permutation is first truncated to a multiple of ``world_size`` so every rank gets the same
-    number of samples (drop_last): up to ``world_size - 1`` random samples are skipped each epoch,
-    a different set every epoch. ``set_epoch(epoch, start)`` starts iteration at offset ``start``.
-    """
-
-    def __init__(self, num_samples: int, seed: int = 0, rank: int = 0, world_size: int = 1):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world_size {world_size}")
+    def __init__(self, num_samples: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 remainder: str = "drop"):
+        self.plan = EpochPlan([num_samples], 1, seed, world_size, remainder)
+        self.rank_range = self.plan.rank_slice(rank)
         self.num_samples, self.seed, self.rank, self.world_size = num_samples, seed, rank, world_size
-        self.per_rank = num_samples // world_size
+        self.per_rank = self.plan.per_rank
         self.epoch, self.start = 0, 0
 
     def indices(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(mix_seed(_PERM, self.seed, epoch))
-        perm = torch.randperm(self.num_samples, generator=g)
-        return perm[: self.per_rank * self.world_size][self.rank::self.world_size]
+        return torch.from_numpy(self.plan.epoch_ids(epoch)[self.rank_range])
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
@@ -61,54 +64,94 @@ class EpochSampler:
         return self.per_rank - self.start
 
 
-class _BatchesFrom:
-    """Batch sampler: lists of ``(epoch, index)`` from a position onward, forever (full batches)."""
+class _Stream(IterableDataset):
+    """The batches one loader worker emits, from global batch ``k0`` on, forever.
 
-    def __init__(self, sampler: EpochSampler, batch_size: int, epoch: int, batch: int):
-        self.sampler, self.batch_size, self.epoch, self.batch = sampler, batch_size, epoch, batch
+    DataLoader worker ``i`` of a loader started at global batch ``k0`` emits batches
+    ``k0 + i, k0 + i + W, ...``: logical worker ``(k0 + i) % W`` of the plan.
+    """
 
-    def __iter__(self):
-        epoch, start, bs = self.epoch, self.batch, self.batch_size
-        steps = self.sampler.per_rank // bs
+    def __init__(self, loader: PretrainLoader, k0: int):
+        self.source, self.plan, self.views = loader.source, loader.plan, loader.views
+        self.rank, self.workers, self.seed = loader.rank, loader.logical_workers, loader.seed
+        self.fast, self.k0 = loader.fast_decode, k0
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        k = self.k0 + (info.id if info is not None else 0)
+        worker, steps = k % self.workers, self.plan.steps_per_epoch
+        epoch, batch = divmod(k, steps)
+        skip = self.plan.worker_start(epoch, batch, worker, self.workers)
+        last_good = None
         while True:
-            idx = self.sampler.indices(epoch).tolist()
-            for b in range(start, steps):
-                yield [(epoch, i) for i in idx[b * bs:(b + 1) * bs]]
-            epoch, start = epoch + 1, 0
+            piece = self.plan.worker_piece(epoch, self.rank, worker, self.workers)
+            batches = self.plan.worker_batches(epoch, worker, self.workers)
+            positions = np.arange(piece.start, piece.stop)[skip * self.plan.batch_size:]
+            ids = self.plan.epoch_ids(epoch)[positions]
+            records = self.source.read(ids)
+            for j, start in enumerate(range(0, len(ids), self.plan.batch_size), start=skip):
+                chunk = [next(records) for _ in range(self.plan.batch_size)]
+                pos = positions[start:start + self.plan.batch_size]
+                out, last_good = self._batch(chunk, pos, epoch, last_good)
+                yield {**out, "epoch": epoch, "batch": int(batches[j]), "worker": worker}
+            epoch, skip = epoch + 1, 0
+
+    def _decode(self, rec, epoch: int, position: int):
+        if rec.error is not None:
+            return None, f"{rec.describe()}: {rec.error}"
+        rng = random.Random(mix_seed(_AUG, self.seed, epoch, int(position)))
+        try:
+            return decode_views(rec.data, self.views, rng, rec.shape, self.fast), None
+        except Exception as e:  # noqa: BLE001 - any decode failure is a bad sample
+            return None, f"{rec.describe()}: undecodable: {e!r}"
+
+    def _batch(self, records, positions, epoch: int, last_good):
+        decoded, bad = [], []
+        for rec, pos in zip(records, positions):
+            views, err = self._decode(rec, epoch, pos)
+            decoded.append((rec, views))
+            if err:
+                bad.append(err)
+        good = [d for d in decoded if d[1] is not None]
+        if not good and last_good is None:
+            raise BadDataError("no readable sample to stand in for the bad ones at the start of a "
+                               "worker's share: " + "; ".join(bad))
+        filled, prev = [], last_good
+        for i, item in enumerate(decoded):
+            if item[1] is None:  # the previous good sample, else the next one in this batch
+                item = prev or next(d for d in decoded[i:] if d[1] is not None)
+            filled.append(item)
+            prev = item
+        return _collate(filled, len(self.views), bad), prev
 
 
-class _AugmentedDataset:
-    """Maps ``(epoch, index)`` to a transformed sample; replaces undecodable samples."""
-
-    def __init__(self, source, transform: Callable, seed: int, max_skip: int = 64):
-        self.source, self.transform, self.seed, self.max_skip = source, transform, seed, max_skip
-
-    def __getitem__(self, key: tuple[int, int]):
-        epoch, index = key
-        n, bad = len(self.source), 0
-        for j in range(index, index + min(n, self.max_skip)):
-            j %= n
-            try:
-                img, label = self.source[j]
-                break
-            except Exception as e:  # noqa: BLE001 - any decode failure: take the next index
-                name = self.source.path(j) if hasattr(self.source, "path") else f"index {j}"
-                warnings.warn(f"skipping undecodable image {name}: {e!r}", stacklevel=2)
-                bad += 1
-        else:
-            raise RuntimeError(f"{bad} consecutive undecodable samples from index {index}")
-        with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
-            # Seeded by the requested index, so a replacement is not a copy of index j's own view.
-            torch.manual_seed(mix_seed(_AUG, self.seed, epoch, index))
-            x = self.transform(img)
-        return x, label, j, epoch, bad
+def _float_batch(shape) -> torch.Tensor:
+    """A float32 tensor; in a loader worker, allocated in shared memory, so handing it to the
+    main process copies nothing (as torch's default collate does)."""
+    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
+    if get_worker_info() is None or new_shared is None:
+        return torch.empty(shape)
+    return torch.empty(0).set_(new_shared(int(np.prod(shape)) * 4), 0, shape)
 
 
-def _collate(items):
-    xs, labels, idx, epochs, bad = zip(*items)
-    return {"images": torch.stack(xs), "labels": torch.tensor(labels, dtype=torch.long),
-            "index": torch.tensor(idx, dtype=torch.long), "epoch": int(epochs[0]),
-            "bad_samples": sum(bad)}
+def _collate(items, num_views: int, bad: list[str]) -> dict:
+    b = len(items)
+    size = items[0][1].images[0].shape[1:]
+    # Normalised here, in the (parallel) workers, not in the main process that trains.
+    views = [normalize_uint8(torch.stack([v.images[j] for _, v in items]), _float_batch((b, 3, *size)))
+             for j in range(num_views)]
+    out = {
+        "images": views[0],
+        "boxes": torch.tensor([v.boxes for _, v in items], dtype=torch.float32),
+        "flips": torch.tensor([v.flips for _, v in items], dtype=torch.bool),
+        "sizes": torch.tensor([v.original_size for _, v in items], dtype=torch.long),
+        "index": torch.tensor([r.id for r, _ in items], dtype=torch.long),
+        "labels": torch.tensor([r.label for r, _ in items], dtype=torch.long),
+        "bad": bad,
+    }
+    if num_views > 1:
+        out["views"] = views
+    return out
 
 
 def _worker_init(_worker_id: int) -> None:
@@ -116,67 +159,107 @@ def _worker_init(_worker_id: int) -> None:
 
 
 class PretrainLoader:
-    """Infinite iterator of batches ``{"images", "labels", "index", "epoch"}`` across epochs.
+    """Infinite iterator of batches across epochs, from any source (see ``sources/base.py``).
 
-    ``index`` holds the dataset indices actually loaded (a replacement index where a sample was
-    undecodable; ``stats["bad_samples"]`` counts those). Every rank yields ``steps_per_epoch``
-    full batches per epoch; leftover samples are dropped. ``state_dict()`` is the position of the
-    next batch to be yielded; after ``load_state_dict`` the next (or current) iteration continues
-    from exactly there.
+    A batch: ``images`` float32 ``[B, 3, S, S]`` normalised (the first view); ``views`` (the list
+    of all views, when there are several); ``boxes`` ``[B, V, 4]`` crop boxes ``(x0, y0, x1, y1)``
+    in original pixels; ``flips`` ``[B, V]``; ``sizes`` ``[B, 2]`` original ``(height, width)``;
+    ``index`` ``[B]`` sample ids (a stand-in's id where a sample was bad); ``labels`` ``[B]``
+    (-1 if unknown); ``epoch``, ``batch`` (in the epoch) and ``worker``.
+
+    Every rank yields ``steps_per_epoch`` full batches per epoch. ``state_dict()`` is the position
+    of the next batch; after ``load_state_dict`` the next (or current) iteration continues from
+    exactly there, provided ranks, workers and batch size are unchanged (otherwise the run goes
+    on from the start of the next epoch, with a warning).
     """
 
-    def __init__(self, source, transform: Callable, batch_size: int, seed: int = 0,
+    def __init__(self, source, views: Sequence[ViewSpec], batch_size: int, seed: int = 0,
                  num_workers: int = 0, rank: int = 0, world_size: int = 1,
+                 remainder: str = "drop", max_bad_fraction: float = 0.01, fast_decode: bool = True,
                  pin_memory: bool = False):
-        self.source, self.batch_size, self.seed = source, batch_size, seed
-        self.num_workers, self.pin_memory = num_workers, pin_memory
-        self.sampler = EpochSampler(len(source), seed, rank, world_size)
-        self.steps_per_epoch = self.sampler.per_rank // batch_size
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(source)} samples over {world_size} rank(s) cannot fill one "
-                             f"batch of {batch_size}")
-        self.dataset = _AugmentedDataset(source, transform, seed)
+        if not 0 <= max_bad_fraction <= 1:
+            raise ValueError(f"max_bad_fraction {max_bad_fraction} must be in [0, 1]")
+        self.source, self.views, self.seed = source, tuple(views), seed
+        self.plan = EpochPlan(source.shard_sizes, batch_size, seed, world_size, remainder)
+        self.plan.rank_slice(rank)  # validates rank
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.num_workers, self.logical_workers = num_workers, max(1, num_workers)
+        self.max_bad_fraction, self.fast_decode, self.pin_memory = max_bad_fraction, fast_decode, pin_memory
+        self.steps_per_epoch = self.plan.steps_per_epoch
         self.epoch, self.batch_in_epoch = 0, 0
-        self.stats = {"bad_samples": 0}
+        self.stats = {"bad_samples": 0, "bad_in_epoch": 0, "last_bad": None}
         self._generation = 0  # bumped by load_state_dict to restart a live iterator
 
+    def _layout(self) -> dict:
+        return {"world_size": self.world_size, "workers": self.logical_workers,
+                "batch_size": self.batch_size, "num_samples": self.plan.num_samples,
+                "remainder": self.plan.remainder}
+
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "seed": self.seed}
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "seed": self.seed,
+                "bad_in_epoch": self.stats["bad_in_epoch"], **self._layout()}
 
     def load_state_dict(self, sd: dict) -> None:
         if sd["seed"] != self.seed:
             raise ValueError(f"state seed {sd['seed']} != loader seed {self.seed}")
-        if not 0 <= sd["batch_in_epoch"] < self.steps_per_epoch:
-            raise ValueError(f"batch_in_epoch {sd['batch_in_epoch']} outside "
-                             f"[0, {self.steps_per_epoch}) for this loader")
-        self.epoch, self.batch_in_epoch = int(sd["epoch"]), int(sd["batch_in_epoch"])
+        epoch, batch = int(sd["epoch"]), int(sd["batch_in_epoch"])
+        changed = {k: (sd[k], v) for k, v in self._layout().items() if k in sd and sd[k] != v}
+        if batch and changed:
+            log.warning("data: the layout changed since the checkpoint (%s); an exact mid-epoch "
+                        "resume is impossible, so the run continues at the start of epoch %d",
+                        ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()), epoch + 1)
+            epoch, batch = epoch + 1, 0
+        if not 0 <= batch < self.steps_per_epoch:
+            raise ValueError(f"batch_in_epoch {batch} outside [0, {self.steps_per_epoch}) for this loader")
+        self.epoch, self.batch_in_epoch = epoch, batch
+        self.stats["bad_in_epoch"] = int(sd.get("bad_in_epoch", 0)) if batch else 0
         self._generation += 1
 
-    def _dataloader(self) -> DataLoader:
-        batches = _BatchesFrom(self.sampler, self.batch_size, self.epoch, self.batch_in_epoch)
-        return DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
-                          collate_fn=_collate, pin_memory=self.pin_memory,
-                          worker_init_fn=_worker_init if self.num_workers else None,
-                          # own generator: DataLoader would otherwise draw from the global RNG
-                          generator=torch.Generator().manual_seed(self.seed))
+    def _batches(self, k0: int) -> Iterator[dict]:
+        stream = _Stream(self, k0)
+        if self.num_workers == 0:
+            return iter(stream)
+        return iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                               pin_memory=self.pin_memory, worker_init_fn=_worker_init,
+                               # own generator: DataLoader would otherwise draw from the global RNG
+                               generator=torch.Generator().manual_seed(self.seed)))
 
     def __iter__(self) -> Iterator[dict]:
         while True:
             gen = self._generation
-            for batch in self._dataloader():
+            for batch in self._batches(self.epoch * self.steps_per_epoch + self.batch_in_epoch):
                 if gen != self._generation:
                     break  # state was loaded mid-iteration: rebuild from the new position
-                self.stats["bad_samples"] += batch.pop("bad_samples")
+                if (batch["epoch"], batch["batch"]) != (self.epoch, self.batch_in_epoch):
+                    raise RuntimeError(f"data order broken: got batch {batch['batch']} of epoch "
+                                       f"{batch['epoch']}, expected {self.batch_in_epoch} of {self.epoch}")
+                self._account(batch.pop("bad"))
                 self.batch_in_epoch += 1
                 if self.batch_in_epoch == self.steps_per_epoch:
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                    self.stats["bad_in_epoch"] = 0
                 yield batch
+
+    def _account(self, bad: list[str]) -> None:
+        if not bad:
+            return
+        for msg in bad:
+            log.warning("data: skipped a bad sample, %s", msg)
+        self.stats["bad_samples"] += len(bad)
+        self.stats["bad_in_epoch"] += len(bad)
+        self.stats["last_bad"] = bad[-1]
+        limit = self.max_bad_fraction * self.plan.per_rank
+        if self.stats["bad_in_epoch"] > limit:
+            raise BadDataError(
+                f"{self.stats['bad_in_epoch']} bad samples in epoch {self.epoch} on rank {self.rank}, "
+                f"more than data.max_bad_fraction={self.max_bad_fraction:g} of its {self.plan.per_rank} "
+                f"samples; last: {bad[-1]}")
 
 
 def build_pretrain_loader(root: str | os.PathLike, img_size: int, batch_size: int, seed: int = 0,
                           num_workers: int = 0, crop_scale: tuple[float, float] = (0.2, 1.0),
                           hflip: bool = True, rank: int = 0, world_size: int = 1,
-                          pin_memory: bool = False) -> PretrainLoader:
-    """ImageFolder at ``root`` + MAE train augmentation -> ``PretrainLoader``."""
-    return PretrainLoader(ImageFolderSource(root), mae_train_transform(img_size, crop_scale, hflip),
-                          batch_size, seed, num_workers, rank, world_size, pin_memory)
+                          pin_memory: bool = False, **kwargs) -> PretrainLoader:
+    """ImageFolder at ``root`` + MAE's views -> ``PretrainLoader`` (``kwargs`` go to it)."""
+    return PretrainLoader(ImageFolderSource(root), mae_views(img_size, crop_scale, hflip), batch_size,
+                          seed, num_workers, rank, world_size, pin_memory=pin_memory, **kwargs)

@@ -237,6 +237,14 @@ def rle_to_mask(rle: dict) -> np.ndarray:
     return flat.reshape((h, w), order="F")
 
 
+def sample_record(sample: SyntheticSample, index: int) -> dict:
+    """JSON-ready annotations of a sample: label, size and objects with exact RLE masks."""
+    objs = [{"class_id": o.class_id, "class_name": o.class_name, "box": list(o.box),
+             "area": o.area, "segmentation": mask_to_rle(o.mask)} for o in sample.objects]
+    return {"index": index, "label": sample.label, "size": list(sample.image.shape[:2]),
+            "objects": objs}
+
+
 # ---- image-folder export ------------------------------------------------------------------
 
 def write_imagefolder(root: str | os.PathLike, num_images: int, size: int = 64, seed: int = 0,
@@ -265,10 +273,7 @@ def write_imagefolder(root: str | os.PathLike, num_images: int, size: int = 64, 
                                                    min_objects)):
                 rel = f"{CLASSES[s.label]}/{i:06d}.png"
                 Image.fromarray(s.image).save(tmp / rel)
-                objs = [{"class_id": o.class_id, "class_name": o.class_name, "box": list(o.box),
-                         "area": o.area, "segmentation": mask_to_rle(o.mask)} for o in s.objects]
-                f.write(json.dumps({"path": rel, "index": i, "label": s.label,
-                                    "size": [size, size], "objects": objs}) + "\n")
+                f.write(json.dumps({"path": rel, **sample_record(s, i)}) + "\n")
                 if progress and (i + 1) % max(1, num_images // 10) == 0:
                     print(f"synthetic {split}: {i + 1}/{num_images}", file=sys.stderr)
         (tmp / MARKER).write_text(json.dumps(params))
@@ -316,3 +321,24 @@ def load_objects(root: str | os.PathLike, split: str = "train") -> dict[str, lis
                 SyntheticObject(o["class_id"], o["class_name"], rle_to_mask(o["segmentation"]),
                                 tuple(o["box"])) for o in rec["objects"]]
     return out
+
+
+# ---- shard export -------------------------------------------------------------------------
+
+def write_shards(out: str | os.PathLike, num_images: int, size: int = 64, seed: int = 0,
+                 fmt: str = "wds", quality: int | None = None, max_objects: int = 3,
+                 min_objects: int = 1, **writer_options) -> Path:
+    """Generate straight into webdataset shards (``fmt='wds'``, a folder) or a ``.beton`` file.
+
+    Each sample stores the image (PNG, or JPEG with ``quality``), its label and its objects with
+    exact masks (``.json``, as in ``objects.jsonl``); ``writer_options`` go to the writer
+    (``mimscale.data_pipeline.shards``).
+    """
+    from .shards import SyntheticInput, write_beton, write_wds
+
+    items = SyntheticInput(num_images, size, seed, max_objects, min_objects)
+    if fmt == "wds":
+        return write_wds(items, out, quality=quality, **writer_options)
+    if fmt == "beton":
+        return write_beton(items, out, quality=quality, **writer_options)
+    raise ValueError(f"fmt {fmt!r} is not valid; valid: wds, beton")

@@ -45,6 +45,12 @@ COMMAND_MODULES: list[str] = [
     "mimscale.tools.bench",
     "mimscale.tools.visualize",
     "mimscale.tools.select_head",
+    "mimscale.data_pipeline.cli",
+    "mimscale.tools.convert",
+    "mimscale.tools.analysis.cli",
+    "mimscale.downstream.dense.cli",
+    "mimscale.downstream.classify.cli",
+    "mimscale.downstream.results",
 ]
 
 

@@ -1,136 +1,231 @@
-"""Pretraining loader: shapes, determinism, exact mid-epoch resume, sharding, corrupt files."""
+"""The loader on every source: batches and geometry, exactly-once over 2 ranks x 2 workers,
+sample-exact mid-epoch resume, bad samples (skipped, counted, logged, bounded)."""
 
+import io
 import itertools
+import logging
+import os
+from collections import Counter
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from mimscale.data_pipeline.loader import EpochSampler, PretrainLoader, build_pretrain_loader
+from mimscale.data_pipeline.loader import BadDataError, PretrainLoader, build_pretrain_loader
 from mimscale.data_pipeline.sources.imagefolder import ImageFolderSource
-from mimscale.data_pipeline.synthetic import write_imagefolder
-from mimscale.data_pipeline.transforms import denormalize, eval_transform, mae_train_transform
+from mimscale.data_pipeline.sources.wds import TarShardSource
+from mimscale.data_pipeline.synthetic import write_imagefolder, write_shards
+from mimscale.data_pipeline.views import mae_views, mocov3_views
 
-N, SIZE, IMG = 30, 32, 24
+N, SIZE, IMG, B = 22, 24, 16, 3
+SOURCES = ["imagefolder", "wds", "ffcv"]
+
+
+def need(module):
+    """Skip for a missing optional extra on a developer machine; never in CI."""
+    if os.environ.get("CI") == "true":
+        return __import__(module)
+    return pytest.importorskip(module)
+
+
+def make_source(kind: str, folder, n: int = N):
+    if kind == "imagefolder":
+        return ImageFolderSource(write_imagefolder(folder, n, size=SIZE))
+    if kind == "wds":
+        return TarShardSource(str(write_shards(folder / "wds", n, size=SIZE, max_count=5, progress=False)))
+    need("ffcv")
+    from mimscale.data_pipeline.sources.beton import BetonSource
+
+    return BetonSource(write_shards(folder / "data.beton", n, size=SIZE, fmt="beton", progress=False))
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return write_imagefolder(tmp_path_factory.mktemp("syn"), N, size=SIZE, seed=0)
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("sources")
 
 
-def _take(loader, k):
-    return list(itertools.islice(iter(loader), k))
+_made = {}
 
 
-def _assert_same(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x["epoch"] == y["epoch"]
-        assert torch.equal(x["index"], y["index"]) and torch.equal(x["labels"], y["labels"])
-        assert torch.equal(x["images"], y["images"])
+@pytest.fixture(params=SOURCES)
+def source(request, data_dir):
+    if request.param not in _made:
+        _made[request.param] = make_source(request.param, data_dir / request.param)
+    return _made[request.param]
 
 
-def test_source_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope"):
-        ImageFolderSource(tmp_path / "nope")
-    (tmp_path / "empty" / "cls").mkdir(parents=True)
-    with pytest.raises(ValueError, match="empty"):
-        ImageFolderSource(tmp_path / "empty")
+def loader(src, **kw):
+    kw = {"batch_size": B, "seed": 0, **kw}
+    return PretrainLoader(src, kw.pop("views", mae_views(IMG)), **kw)
 
 
-def test_batches_and_transforms(root):
-    loader = build_pretrain_loader(root, IMG, batch_size=4, seed=0, num_workers=0)
-    assert loader.steps_per_epoch == N // 4
-    b = next(iter(loader))
-    assert b["images"].shape == (4, 3, IMG, IMG) and b["images"].dtype == torch.float32
-    assert b["labels"].dtype == torch.long and b["index"].dtype == torch.long
-    assert b["epoch"] == 0 and loader.state_dict() == {"epoch": 0, "batch_in_epoch": 1, "seed": 0}
-    img, _ = ImageFolderSource(root)[0]
-    x = eval_transform(IMG)(img)
-    assert x.shape == (3, IMG, IMG)
-    y = denormalize(x)
-    assert y.min() >= 0 and y.max() <= 1
+def take(ld, k):
+    return list(itertools.islice(iter(ld), k))
 
 
-def test_global_rng_untouched(root):
-    loader = build_pretrain_loader(root, IMG, batch_size=4, seed=0)
-    torch.manual_seed(123)
-    expected = torch.rand(3)
-    torch.manual_seed(123)
-    _take(loader, 2)
-    assert torch.equal(torch.rand(3), expected)
+def test_batches_carry_views_and_geometry(source):
+    ld = loader(source, views=mocov3_views(IMG))
+    b = take(ld, 1)[0]
+    assert b["images"].shape == (B, 3, IMG, IMG) and b["images"].dtype == torch.float32
+    assert b["images"] is b["views"][0] and len(b["views"]) == 2
+    assert b["boxes"].shape == (B, 2, 4) and b["flips"].shape == (B, 2) and b["flips"].dtype == torch.bool
+    assert (b["sizes"] == SIZE).all()
+    x0, y0, x1, y1 = b["boxes"].unbind(-1)
+    assert (x0 >= 0).all() and (x1 <= SIZE).all() and (x0 < x1).all() and (y0 < y1).all()
+    assert b["labels"].min() >= 0 and b["index"].dtype == torch.long
+    assert (b["epoch"], b["batch"], b["worker"]) == (0, 0, 0) and "bad" not in b
+    assert ld.state_dict()["epoch"] == 0 and ld.state_dict()["batch_in_epoch"] == 1
 
 
-def test_same_seed_same_batches_and_workers_agree(root):
-    a = _take(build_pretrain_loader(root, IMG, 4, seed=5, num_workers=0), 4)
-    b = _take(build_pretrain_loader(root, IMG, 4, seed=5, num_workers=2), 4)
-    _assert_same(a, b)
-    c = _take(build_pretrain_loader(root, IMG, 4, seed=6), 1)
-    assert not torch.equal(a[0]["index"], c[0]["index"])
-
-
-@pytest.mark.parametrize("workers,k", [(0, 3), (0, 9), (2, 5)])
-def test_resume_exact(root, workers, k):
-    """k=9 with 7 steps/epoch crosses an epoch boundary before the checkpoint; k=5 after it."""
-    a = build_pretrain_loader(root, IMG, 4, seed=1, num_workers=workers)
-    it = iter(a)
-    for _ in range(k):
-        next(it)
-    sd = a.state_dict()
-    assert sd == {"epoch": k // 7, "batch_in_epoch": k % 7, "seed": 1}
-    expected = [next(it) for _ in range(5)]
-    b = build_pretrain_loader(root, IMG, 4, seed=1, num_workers=workers)
-    b.load_state_dict(sd)
-    _assert_same(_take(b, 5), expected)
-
-
-def test_load_state_restarts_live_iterator(root):
-    a = build_pretrain_loader(root, IMG, 4, seed=2)
-    first = _take(a, 2)
-    it = iter(a)
-    next(it)
-    a.load_state_dict({"epoch": 0, "batch_in_epoch": 0, "seed": 2})
-    _assert_same([next(it), next(it)], first)
-
-
-def test_epoch_coverage_and_sharding():
-    s = EpochSampler(10, seed=0)
-    for e in range(3):
-        assert sorted(s.indices(e).tolist()) == list(range(10))
-    assert not torch.equal(s.indices(0), s.indices(1))
-    s.set_epoch(1, start=4)
-    assert list(s) == s.indices(1)[4:].tolist() and len(s) == 6
-    for e in range(3):
-        r0, r1 = (set(EpochSampler(11, 0, r, 2).indices(e).tolist()) for r in (0, 1))
-        assert len(r0) == len(r1) == 5 and not r0 & r1
-
-
-def test_loader_epoch_covers_every_index(root):
-    loader = build_pretrain_loader(root, IMG, batch_size=5, seed=3)  # 30 = 6 full batches
-    batches = _take(loader, 12)
-    for e in range(2):
-        idx = torch.cat([b["index"] for b in batches if b["epoch"] == e]).tolist()
-        assert sorted(idx) == list(range(N))
-    ranks = [_take(build_pretrain_loader(root, IMG, 5, seed=3, rank=r, world_size=2), 3)
-             for r in (0, 1)]
-    sets = [set(torch.cat([b["index"] for b in bs]).tolist()) for bs in ranks]
-    assert len(sets[0]) == len(sets[1]) == 15 and not sets[0] & sets[1]
+@pytest.mark.parametrize("remainder", ["drop", "pad"])
+def test_exactly_once_two_ranks_two_workers(source, remainder):
+    """Each sample goes to exactly one (rank, worker) per epoch; the remainder is dropped or padded."""
+    per_epoch = {}
+    steps = None
+    for rank in range(2):
+        ld = loader(source, rank=rank, world_size=2, num_workers=2, remainder=remainder)
+        steps = ld.steps_per_epoch if steps is None else steps
+        assert ld.steps_per_epoch == steps  # every rank the same number of batches: no DDP hang
+        for b in take(ld, 2 * steps):
+            per_epoch.setdefault(b["epoch"], {}).setdefault((rank, b["worker"]), []).extend(b["index"].tolist())
+    unit = 2 * B
+    for owners in per_epoch.values():
+        assert set(owners) == {(r, w) for r in range(2) for w in range(2)}
+        counts = Counter(i for ids in owners.values() for i in ids)
+        if remainder == "drop":
+            assert len(counts) == N // unit * unit and max(counts.values()) == 1  # N=22 -> 18 seen once
+            sets = [set(ids) for ids in owners.values()]
+            assert all(not a & b for a, b in itertools.combinations(sets, 2))
+        else:
+            assert set(counts) == set(range(N)) and sum(counts.values()) == -(-N // unit) * unit
+    e0, e1 = (sorted(per_epoch[e][(0, 0)]) for e in (0, 1))
+    assert e0 != e1  # a new permutation every epoch
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_corrupt_image_skipped(tmp_path, workers):
-    root = write_imagefolder(tmp_path, 12, size=SIZE, seed=0)
-    src = ImageFolderSource(root)
-    bad = 3
-    with open(src.path(bad), "wb") as f:
-        f.write(b"definitely not a png" * 10)
-    loader = PretrainLoader(src, mae_train_transform(IMG), batch_size=12, seed=0,
-                            num_workers=workers)
-    if workers:  # the warning is raised inside a worker process
-        batch = next(iter(loader))
-    else:
-        with pytest.warns(UserWarning, match=src.path(bad).split("/")[-1]):
-            batch = next(iter(loader))
-    assert loader.stats["bad_samples"] == 1
-    idx = batch["index"].tolist()
-    assert bad not in idx and idx.count((bad + 1) % 12) == 2  # replaced by the next index
+def test_resume_mid_epoch_sees_the_same_samples(source, workers):
+    """Stop after k batches (k=9 is in the second epoch), resume in a fresh loader: the sample-id
+    sequences (and the augmented images) equal the uninterrupted run's."""
+    a = loader(source, num_workers=workers)
+    assert a.steps_per_epoch == 7
+    it = iter(a)
+    for _ in range(9):
+        next(it)
+    state = a.state_dict()
+    assert (state["epoch"], state["batch_in_epoch"]) == (1, 2)
+    expected = [next(it) for _ in range(8)]  # crosses into epoch 2
+    b = loader(source, num_workers=workers)
+    b.load_state_dict(state)
+    got = take(b, 8)
+    assert [x["index"].tolist() for x in got] == [x["index"].tolist() for x in expected]
+    assert all(torch.equal(x["images"], y["images"]) and torch.equal(x["boxes"], y["boxes"])
+               for x, y in zip(got, expected))
+
+
+def test_worker_count_does_not_change_what_a_rank_sees(source):
+    ids = [sorted(torch.cat([b["index"] for b in take(loader(source, num_workers=w), 7)]).tolist())
+           for w in (0, 2)]
+    assert ids[0] == ids[1]
+
+
+def test_load_state_restarts_a_live_iterator_and_warns_on_a_new_layout(source, caplog):
+    a = loader(source)
+    first = take(a, 2)
+    it = iter(a)
+    next(it)
+    a.load_state_dict({**a.state_dict(), "epoch": 0, "batch_in_epoch": 0})
+    assert [next(it)["index"].tolist() for _ in range(2)] == [b["index"].tolist() for b in first]
+    with caplog.at_level(logging.WARNING, logger="mimscale.data"):
+        b = loader(source, num_workers=2)
+        b.load_state_dict({**a.state_dict(), "batch_in_epoch": 3})
+    assert "workers 1 -> 2" in caplog.text and b.state_dict()["epoch"] == a.state_dict()["epoch"] + 1
+    with pytest.raises(ValueError, match="seed"):
+        b.load_state_dict({**a.state_dict(), "seed": 5})
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_global_rng_untouched(source, workers):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    take(loader(source, num_workers=workers), 2)
+    assert torch.equal(torch.rand(3), expected)
+
+
+# --------------------------------------------------------------------------- bad samples
+
+def _png(value: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((SIZE, SIZE, 3), value, np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _damage(kind: str, folder):
+    """A source of 12 samples, 4 of them bad; returns it with ``{id: (where, key)}`` of the bad ones."""
+    if kind == "imagefolder":
+        src = ImageFolderSource(write_imagefolder(folder, 12, size=SIZE))
+        bad = {}
+        for i, data in [(1, b"garbage" * 9), (4, b""), (6, None), (9, b"\x89PNG\r\n\x1a\n")]:
+            path = Path(src.path(i))
+            path.write_bytes(path.read_bytes()[:60] if data is None else data)  # None: truncated
+            bad[i] = (str(src.root), os.path.relpath(path, src.root))
+        return src, bad
+    if kind == "wds":
+        from test_data_sources import write_tar
+
+        members = [(f"s{i:02d}", {"png": _png(20 * i), "cls": b"1"}) for i in range(12)]
+        members[2] = ("s02", {"png": b"not an image"})  # undecodable
+        members[5] = ("s05", {"cls": b"3"})  # missing key
+        members[7] = ("s07", {"png": b""})  # zero-byte member
+        members[10] = ("s10", {"png": _png(9)[:50]})  # truncated image
+        url = write_tar(folder / "bad.tar", members)
+        return TarShardSource(url), {i: (url, f"s{i:02d}") for i in (2, 5, 7, 10)}
+    need("ffcv")
+    from mimscale.data_pipeline.sources.beton import BetonSource
+
+    path = write_shards(folder / "bad.beton", 12, size=SIZE, fmt="beton", progress=False)
+    src = BetonSource(path)
+    with open(path, "r+b") as f:
+        for i in (0, 3, 8, 11):  # bit rot in the stored JPEGs
+            f.seek(int(src.image[i]["data_ptr"]))
+            f.write(b"\0" * 16 if i % 2 else b"rot!" * 4)
+    return BetonSource(path), {i: (str(path), f"sample {i}") for i in (0, 3, 8, 11)}
+
+
+@pytest.mark.parametrize("kind", SOURCES)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_samples_are_skipped_counted_and_logged(kind, workers, tmp_path, caplog):
+    src, bad = _damage(kind, tmp_path)
+    ld = PretrainLoader(src, mae_views(IMG), batch_size=4, num_workers=workers, max_bad_fraction=0.5)
+    with caplog.at_level(logging.WARNING, logger="mimscale.data"):
+        batches = take(ld, 6)  # two epochs of 12
+    assert ld.stats["bad_samples"] == 2 * len(bad)
+    for b in batches:
+        assert b["images"].shape[0] == 4 and torch.isfinite(b["images"]).all()
+        assert not set(b["index"].tolist()) & set(bad)  # stand-ins are good neighbours
+    for where, key in bad.values():
+        assert f"{where} key {key}" in caplog.text
+    for e in range(2):
+        seen = torch.cat([b["index"] for b in batches if b["epoch"] == e]).tolist()
+        assert set(range(12)) - set(bad) <= set(seen)
+
+
+def test_too_many_bad_samples_stop_the_run(tmp_path):
+    src, bad = _damage("wds", tmp_path)
+    ld = PretrainLoader(src, mae_views(IMG), batch_size=4, max_bad_fraction=0.25)  # 3 of 12 allowed
+    with pytest.raises(BadDataError, match=r"4 bad samples in epoch 0 on rank 0, more than "
+                                           r"data.max_bad_fraction=0.25 of its 12 samples; last: .*bad.tar key s(02|05|07|10): "):
+        take(ld, 3)
+    strict = PretrainLoader(src, mae_views(IMG), batch_size=4, max_bad_fraction=0)
+    with pytest.raises(BadDataError, match="1 bad samples"):
+        take(strict, 1)
+
+
+def test_legacy_imagefolder_builder(tmp_path):
+    root = write_imagefolder(tmp_path, 10, size=SIZE)
+    ld = build_pretrain_loader(root, IMG, 5, seed=3, crop_scale=(0.5, 1.0), hflip=False)
+    b = take(ld, 2)
+    assert sorted(torch.cat([x["index"] for x in b]).tolist()) == list(range(10))
+    assert not b[0]["flips"].any()

@@ -11,6 +11,7 @@ import importlib
 BENCHMARKS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help)
     "masking": ("mimscale.pretrain.masking.bench", "mask cost of every strategy relative to an MAE step"),
+    "data": ("mimscale.data_pipeline.bench", "images/s of every data source vs torchvision ImageFolder + DataLoader"),
 }
 
 

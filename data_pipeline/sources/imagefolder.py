@@ -7,15 +7,21 @@ folders, and let the loader (not the source) decide what to do with undecodable 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from PIL import Image
+
+from .base import Record, check_ids
 
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 class ImageFolderSource:
-    """Indexable ``(PIL RGB image, label)`` pairs in a deterministic (sorted) order."""
+    """Indexable ``(PIL RGB image, label)`` pairs in a deterministic (sorted) order; as a loader
+    source (``read``) it is one shard of encoded files."""
+
+    name = "imagefolder"
 
     def __init__(self, root: str | os.PathLike, extensions: tuple[str, ...] = IMG_EXTENSIONS):
         self.root = Path(root)
@@ -31,6 +37,7 @@ class ImageFolderSource:
             if p.suffix.lower() in exts and p.is_file()]
         if not self.samples:
             raise ValueError(f"no images ({', '.join(exts)}) in class sub-folders of {self.root}")
+        self.shard_sizes = [len(self.samples)]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -43,3 +50,16 @@ class ImageFolderSource:
         path, label = self.samples[i]
         with Image.open(path) as im:
             return im.convert("RGB"), label
+
+    def read(self, ids) -> Iterator[Record]:
+        for i in check_ids(ids, len(self.samples)).tolist():
+            path, label = self.samples[i]
+            rec = Record(i, str(self.root), os.path.relpath(path, self.root), label=label)
+            try:
+                with open(path, "rb") as f:
+                    rec.data = f.read()
+                if not rec.data:
+                    rec.error = "zero-byte file"
+            except OSError as e:
+                rec.error = f"unreadable file: {e}"
+            yield rec

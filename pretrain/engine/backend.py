@@ -1,18 +1,29 @@
 """Backends: how a model is wrapped, stepped and saved. The train loop only calls this interface.
 
-``DDPBackend`` covers the single process and ``DistributedDataParallel``; sharded backends
-(FSDP2, DeepSpeed ZeRO) implement the same methods, so the loop never asks which one it has.
+``DDPBackend`` covers the single process and ``DistributedDataParallel``; ``FSDPBackend``
+(``fsdp.py``, FSDP2) and ``DeepSpeedBackend`` (``zero.py``, ZeRO 1/2/3) implement the same methods,
+so the loop never asks which one it has:
+
+    wrap(model) -> build_optimizer(groups, lr, betas) -> per step: set_lr, then per micro-step
+    ``with accumulate(sync): with autocast(): loss = model(...); backward(loss, scale)``, then
+    ``step(clip)`` -> gradient norm (non-finite = the step was skipped); ``local_shards()`` around
+    updates that follow the student (EMA teacher); ``save(folder)`` / ``load(folder, state)``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from .blocks import prepare_blocks
+from .memory import gradient_bytes, nested_bytes, parameter_bytes
 
 
 @dataclass(frozen=True)
@@ -47,29 +58,39 @@ def resolve_device(name: str, env: DistEnv) -> torch.device:
     return torch.device("cpu")
 
 
-class DDPBackend:
-    """Single process, or data parallel with DDP when the process group has more than one rank."""
+class Backend:
+    """What every backend shares: device, autocast, lr, collectives, the skip rule, memory."""
 
-    def __init__(self, device: torch.device, env: DistEnv, precision: str = "bf16"):
+    name = "base"
+    checkpoint_format = "full"  # see checkpoint.py: full | dcp | deepspeed
+
+    def __init__(self, device: torch.device, env: DistEnv, precision: str = "bf16", *,
+                 activation_checkpointing: bool = False, compile: bool = False):
+        if precision not in ("bf16", "fp32"):
+            raise ValueError(f"precision {precision!r} is not valid; valid: bf16, fp32")
         self.device = device
         self.env = env
+        self.precision = precision
         self.dtype = {"bf16": torch.bfloat16, "fp32": None}[precision]
-        self.model: nn.Module | None = None
-        self.module: nn.Module | None = None  # the unwrapped model
+        self.activation_checkpointing = activation_checkpointing
+        self.compile = compile
+        self.model: nn.Module | None = None   # what the loop calls (a DDP / DeepSpeed wrapper or the module)
+        self.module: nn.Module | None = None  # the method itself (parameters may be shards)
         self.optimizer: torch.optim.Optimizer | None = None
+        self._grad_bytes = 0
+        self._control = None  # a CPU (gloo) group for host-side flags; built on first use
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    @staticmethod
+    def _check_offload(cpu_offload: bool, device: torch.device) -> None:
+        if cpu_offload and device.type != "cuda":
+            raise ValueError("engine.cpu_offload moves sharded state from GPU memory to the host; on "
+                             f"engine.device={device.type} there is nothing to offload: drop it")
+
+    # ----------------------------------------------------------------- model
+    def _prepare(self, model: nn.Module) -> list[nn.Module]:
+        """Move to the device, then per-block activation checkpointing and compile."""
         self.module = model.to(self.device)
-        self.model = self.module
-        if self.env.world_size > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(self.module, device_ids=ids)
-        return self.model
-
-    def build_optimizer(self, groups: list[dict], lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
-        fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
-        return self.optimizer
+        return prepare_blocks(model, self.activation_checkpointing, self.compile)
 
     def autocast(self):
         if self.dtype is None:
@@ -77,32 +98,80 @@ class DDPBackend:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def accumulate(self, sync: bool):
-        """Context for one micro-step's forward+backward; ``sync=False`` skips the gradient
-        all-reduce on non-final micro-steps of an accumulation."""
-        if sync or not isinstance(self.model, nn.parallel.DistributedDataParallel):
-            return contextlib.nullcontext()
-        return self.model.no_sync()
+        """Context for one micro-step's forward+backward; ``sync=False`` (non-final micro-steps of
+        an accumulation) skips the gradient reduction where the backend can."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, scale: float = 1.0) -> None:
+        """Backpropagate ``loss × scale`` (``scale`` = 1/accumulation steps)."""
+        (loss * scale).backward()
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
-    def step(self, clip_grad: float | None) -> torch.Tensor:
-        """Clip (if asked), step, zero grads; returns the pre-clip gradient norm (a tensor: no sync)."""
+    def local_shards(self):
+        """Context inside which each parameter holds what this rank owns, for updates that need no
+        gather (the EMA teacher): DDP and FSDP parameters already are (FSDP2's are DTensors whose
+        pointwise ops stay local); ZeRO-3 swaps its partitions in."""
+        return contextlib.nullcontext()
+
+    # ----------------------------------------------------------------- step
+    def _clip_and_step(self, clip_grad: float | None) -> torch.Tensor:
+        """Global gradient norm; clip; step unless the norm is non-finite; zero the gradients.
+
+        The norm is the same number on every rank (reduced gradients), so the skip decision is
+        too. Reading it is the one host sync per step: the caller must know whether the step ran
+        (the EMA teacher must not follow a skipped step)."""
         params = [p for p in self.module.parameters() if p.grad is not None]
-        max_norm = clip_grad if clip_grad is not None else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        self.optimizer.step()
+        grads = [p.grad for p in params]
+        if not self._grad_bytes:
+            self._grad_bytes = gradient_bytes(self.module)
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros(())
+        # FSDP2: a replicated DTensor; it stays one for clipping the DTensor gradients
+        value = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if math.isfinite(value):
+            if clip_grad is not None:
+                torch.nn.utils.clip_grads_with_norm_(params, clip_grad, norm, foreach=True)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return torch.tensor(value)
+
+    def step(self, clip_grad: float | None) -> torch.Tensor:
+        """Clip (if asked), step, zero grads; returns the pre-clip gradient norm. A non-finite norm
+        means the step was skipped (nothing was applied)."""
+        return self._clip_and_step(clip_grad)
+
+    # ----------------------------------------------------------------- state
+    def save(self, folder: Path) -> dict:
+        """Write this backend's part of a checkpoint. Collective. Sharded backends write files into
+        ``folder``; the returned entries go into ``state.pt`` (written by the main rank)."""
+        return self.state_dict() if self.env.is_main else {}
+
+    def load(self, folder: Path, state: dict) -> None:
+        """Restore model and optimizer from a checkpoint of any format (``state`` = its state.pt)."""
+        from .checkpoint import full_model_state
+
+        model, optimizer = full_model_state(folder, state)
+        if optimizer is None:
+            raise ValueError(f"checkpoint {folder} holds no optimizer state (a consolidated DeepSpeed "
+                             "checkpoint); resume it with engine.backend=deepspeed from the original")
+        self.load_state_dict({"model": model, "optimizer": optimizer})
 
     def state_dict(self) -> dict:
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+        raise NotImplementedError
 
     def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        raise NotImplementedError
 
+    def memory_bytes(self) -> dict[str, int]:
+        """What this rank holds: parameters (without teacher), gradients at the step, optimizer
+        state, teacher."""
+        params, teacher = parameter_bytes(self.module)
+        return {"params": params, "grads": self._grad_bytes,
+                "optimizer": nested_bytes(self.optimizer.state_dict()["state"]), "teacher": teacher}
+
+    # ----------------------------------------------------------------- collectives
     def all_gather_object(self, obj):
         if self.env.world_size == 1:
             return [obj]
@@ -114,9 +183,82 @@ class DDPBackend:
         if self.env.world_size > 1:
             dist.barrier()
 
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any; a CPU collective (gloo), so asking it
+        every step costs no device sync."""
+        if self.env.world_size == 1:
+            return flag
+        if self._control is None:
+            self._control = (dist.group.WORLD if dist.get_backend() == "gloo"
+                             else dist.new_group(backend="gloo"))
+        t = torch.tensor([int(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control)
+        return bool(t.item())
 
-def build_backend(cfg_engine, env: DistEnv) -> DDPBackend:
+
+class DDPBackend(Backend):
+    """Single process, or data parallel with DDP when the process group has more than one rank."""
+
+    name = "ddp"
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        self._prepare(model)
+        self.model = self.module
+        if self.env.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # bucket views: gradients live in DDP's reduction buckets, not in a second copy
+            self.model = nn.parallel.DistributedDataParallel(self.module, device_ids=ids,
+                                                             gradient_as_bucket_view=True)
+        return self.model
+
+    def build_optimizer(self, groups: list[dict], lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+        return self.optimizer
+
+    def accumulate(self, sync: bool):
+        if sync or not isinstance(self.model, nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
+    def state_dict(self) -> dict:
+        """Full state: the method's weights and the optimizer keyed by parameter name (so any
+        backend, on any number of ranks, can load it)."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return {"model": self.module.state_dict(),
+                "optimizer": get_optimizer_state_dict(self.module, self.optimizer)}
+
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        self.module.load_state_dict(state["model"])
+        optimizer = state["optimizer"]
+        if all(isinstance(k, int) for k in optimizer.get("state", {})) and optimizer.get("state"):
+            self.optimizer.load_state_dict(optimizer)  # written by torch's own optimizer.state_dict()
+        else:
+            set_optimizer_state_dict(self.module, self.optimizer, optimizer)
+
+
+def build_backend(cfg_engine, env: DistEnv, cfg_optim=None, micro_batch: int | None = None) -> Backend:
+    """The backend ``engine.backend`` names. ``cfg_optim`` / ``micro_batch`` (clip, accumulation,
+    batch per rank) are needed by DeepSpeed, which owns those inside its engine."""
     device = resolve_device(cfg_engine.device, env)
+    options = dict(activation_checkpointing=getattr(cfg_engine, "activation_checkpointing", False),
+                   compile=getattr(cfg_engine, "compile", False))
     if cfg_engine.backend == "ddp":
-        return DDPBackend(device, env, cfg_engine.precision)
-    raise ValueError(f"unknown backend {cfg_engine.backend!r}")
+        return DDPBackend(device, env, cfg_engine.precision, **options)
+    if cfg_engine.backend == "fsdp":
+        from .fsdp import FSDPBackend
+
+        return FSDPBackend(device, env, cfg_engine.precision, cpu_offload=cfg_engine.cpu_offload, **options)
+    if cfg_engine.backend == "deepspeed":
+        from .zero import DeepSpeedBackend
+
+        if cfg_optim is None or micro_batch is None:
+            raise ValueError("engine.backend=deepspeed needs the optim config and the batch per rank")
+        return DeepSpeedBackend(device, env, cfg_engine.precision, zero_stage=cfg_engine.zero_stage,
+                                clip_grad=cfg_optim.clip_grad, accum_steps=cfg_optim.accum_steps,
+                                micro_batch=micro_batch, cpu_offload=cfg_engine.cpu_offload,
+                                extra_config=cfg_engine.deepspeed_config, **options)
+    raise ValueError(f"unknown backend {cfg_engine.backend!r}; valid: ddp, fsdp, deepspeed")

@@ -3,14 +3,19 @@
 Layout of ``<run>/checkpoints/``::
 
     step_00001000/            a complete checkpoint (renamed into place as the last act)
-        state.pt              model, optimizer, schedule position, data position, RNG states, ...
+        state.pt              step, data position, RNG states of every rank, config, ...; with the
+                              ``full`` format also the model (official MAE layout) and optimizer
+        dcp/                  ``dcp`` format (fsdp): model + optimizer as torch.distributed.checkpoint
+                              shards, loadable on any number of ranks
+        deepspeed/            ``deepspeed`` format: DeepSpeed's own per-rank files
         config.yaml           the resolved config of the run that wrote it
         COMPLETE              marker written after everything else
-    .tmp-step_00002000-<pid>  a save in progress, or one a crash interrupted: ignored and cleaned
+    .tmp-step_00002000        a save in progress, or one a crash interrupted: ignored and cleaned
 
-A save writes everything into a temporary folder, flushes it to disk, writes the marker and renames
-the folder to its final name; a crash at any point leaves the previous checkpoints untouched. The
-folder form (rather than one file) lets sharded backends write one file per rank later.
+A save stages everything in the temporary folder (every rank writes its shards there), flushes it
+to disk, writes the marker and renames the folder to its final name; a crash or SIGKILL at any point
+leaves the previous checkpoints untouched. ``load_checkpoint`` returns the same consolidated dict
+whatever the format, so tools never care which backend wrote a checkpoint.
 """
 
 from __future__ import annotations
@@ -43,6 +48,47 @@ def _write_file(path: Path, write) -> None:
         os.fsync(f.fileno())
 
 
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file and folder below ``folder`` (shards written by other ranks included)."""
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for name in dirs:
+            _fsync_dir(Path(root) / name)
+
+
+def _finalize(tmp: Path, final: Path, state: dict[str, Any], config_yaml: str, note: str) -> Path:
+    """state.pt and config into ``tmp``, flush everything, marker last, rename to ``final``."""
+    _write_file(tmp / STATE_FILE, lambda f: torch.save(state, f))
+    _write_file(tmp / "config.yaml", lambda f: f.write(config_yaml.encode()))
+    _fsync_tree(tmp)
+    _write_file(tmp / MARKER, lambda f: f.write(f"{note}\n".encode()))
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving (e.g. a step after a resume): swap, never leave a gap
+        trash = final.parent / f".old-{final.name}-{os.getpid()}"
+        final.rename(trash)
+        tmp.rename(final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    _fsync_dir(final.parent)
+    return final
+
+
+def write_checkpoint(folder: str | Path, state: dict[str, Any], config_yaml: str = "") -> Path:
+    """Write a complete checkpoint folder at any path, atomically (one writer)."""
+    final = Path(folder)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return _finalize(tmp, final, state, config_yaml, f"step {state.get('step', '?')}")
+
+
 def is_complete(path: Path) -> bool:
     path = Path(path)
     return path.is_dir() and (path / MARKER).is_file() and (path / STATE_FILE).is_file()
@@ -73,27 +119,27 @@ class CheckpointManager:
         done = self.complete()
         return done[-1][1] if done else None
 
-    def save(self, step: int, state: dict[str, Any], config_yaml: str = "") -> Path:
-        """Write ``state`` atomically as the checkpoint of ``step`` and prune old ones."""
+    def staging_path(self, step: int) -> Path:
+        """Where the save of ``step`` is assembled (the same path on every rank)."""
+        return self.folder / f".tmp-step_{step:08d}"
+
+    def stage(self, step: int) -> Path:
+        """Create an empty staging folder for ``step`` (main rank; the others write into it after)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         self._clean_partial()
-        tmp = self.folder / f".tmp-step_{step:08d}-{os.getpid()}"
+        tmp = self.staging_path(step)
         tmp.mkdir()
-        _write_file(tmp / STATE_FILE, lambda f: torch.save(state, f))
-        _write_file(tmp / "config.yaml", lambda f: f.write(config_yaml.encode()))
-        _write_file(tmp / MARKER, lambda f: f.write(f"step {step}\n".encode()))
-        _fsync_dir(tmp)
-        final = self.path_for(step)
-        if final.exists():  # re-saving a step (e.g. after a resume): swap, never leave a gap
-            trash = self.folder / f".old-{final.name}-{os.getpid()}"
-            final.rename(trash)
-            tmp.rename(final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(final)
-        _fsync_dir(self.folder)
+        return tmp
+
+    def commit(self, step: int, tmp: Path, state: dict[str, Any], config_yaml: str = "") -> Path:
+        """Write ``state`` into the staged folder, mark it complete, move it into place, prune."""
+        final = _finalize(tmp, self.path_for(step), state, config_yaml, f"step {step}")
         self._prune()
         return final
+
+    def save(self, step: int, state: dict[str, Any], config_yaml: str = "") -> Path:
+        """Write ``state`` atomically as the checkpoint of ``step`` (one writer) and prune old ones."""
+        return self.commit(step, self.stage(step), state, config_yaml)
 
     def _clean_partial(self) -> None:
         for p in self.folder.iterdir():
@@ -108,8 +154,14 @@ class CheckpointManager:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a complete checkpoint folder (or its ``state.pt``); say clearly what is wrong if not."""
+def checkpoint_format(state: dict) -> str:
+    """``full`` (everything in state.pt), ``dcp`` (fsdp shards) or ``deepspeed``."""
+    return state.get("format", "full")
+
+
+def read_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The ``state.pt`` of a complete checkpoint folder (or the file itself), without reading
+    shards; say clearly what is wrong if it is not there."""
     path = Path(path)
     folder = path.parent if path.name == STATE_FILE else path
     if not folder.exists():
@@ -121,6 +173,46 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return torch.load(folder / STATE_FILE, map_location=map_location, weights_only=True)
 
 
+def full_model_state(folder: str | Path, state: dict) -> tuple[dict, dict | None]:
+    """(the method's full state dict, the full FQN-keyed optimizer state or None) of any format."""
+    from mimscale.pretrain.method import MIMMethod
+
+    fmt = checkpoint_format(state)
+    if fmt == "full":
+        return MIMMethod.join_state_dict(state["model"], state.get("method", {})), state.get("optimizer")
+    folder = Path(folder)
+    folder = folder.parent if folder.name == STATE_FILE else folder
+    if fmt == "dcp":
+        from .fsdp import read_dcp
+
+        return read_dcp(folder)
+    if fmt == "deepspeed":
+        from .zero import read_deepspeed
+
+        model = read_deepspeed(folder)
+        rank_states = state.get("rank_state") or [{}]
+        return {**model, **rank_states[0]}, None
+    raise ValueError(f"checkpoint {folder} has an unknown format {fmt!r}; valid: full, dcp, deepspeed")
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A complete checkpoint as one dict, whichever backend wrote it: ``model`` (the student in the
+    official MAE layout), ``method`` (teacher, heads, strategy state), ``optimizer`` (FQN-keyed;
+    absent for DeepSpeed, whose optimizer state stays in its own files), ``step``, ``data``,
+    ``rng``, ``config``, ... Sharded checkpoints are consolidated in memory (no process group)."""
+    from mimscale.pretrain.method import MIMMethod
+
+    state = read_state(path, map_location)
+    if checkpoint_format(state) == "full":
+        return state
+    model, optimizer = full_model_state(path, state)
+    student, method = MIMMethod.split_state_dict(model)
+    out = {**state, "model": student, "method": method}
+    if optimizer is not None:
+        out["optimizer"] = optimizer
+    return out
+
+
 def resolve_resume(resume: str, manager: CheckpointManager) -> Path | None:
     """``none`` -> None; ``auto`` -> newest complete checkpoint (or None); else the given path."""
     if resume in ("none", ""):
@@ -129,5 +221,5 @@ def resolve_resume(resume: str, manager: CheckpointManager) -> Path | None:
         return manager.latest()
     path = Path(resume)
     if not is_complete(path if path.name != STATE_FILE else path.parent):
-        load_checkpoint(path)  # raises with the reason
+        read_state(path)  # raises with the reason
     return path

@@ -1,29 +1,35 @@
 """The pretraining loop. It builds the pieces from the config and calls them; it never asks which
 backend, strategy or data source it has.
 
-One step: for each micro-batch, mask -> forward (autocast) -> backward (gradient sync only on the
-last micro-batch); then clip, optimizer step, lr for the next step. Every ``checkpoint_every``
-steps, and at the end, an atomic checkpoint.
+One step: for each micro-batch, mask -> forward (autocast) -> backward (gradient reduction only on
+the last micro-batch); then clip and step (skipped when the gradient norm is not finite), the EMA
+teacher follows on local shards, lr for the next step. Checkpoints every ``checkpoint_every`` steps,
+at the end, and at the step boundary after a preemption signal, after which the run exits cleanly.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch import nn
 
 from mimscale.config import Config, to_dict, to_yaml
 from mimscale.data_pipeline.build import build_pretrain_data
 from mimscale.pretrain.method import MIMMethod
 
 from .backend import build_backend, init_distributed
-from .checkpoint import CheckpointManager, load_checkpoint, resolve_resume
+from .checkpoint import CheckpointManager, read_state, resolve_resume
 from .figures import reconstruction_grid
+from .guard import NumericsGuard, poison_nonfinite
 from .logger import RunLogger
+from .memory import MemoryReport, format_reports, measure, write_reports
 from .optim import param_groups
+from .preemption import PreemptionHandler
 from .rng import rng_state, seed_everything, set_rng_state, step_generator
 from .schedule import cosine_lr, scaled_lr
 
@@ -38,6 +44,9 @@ class RunSummary:
     figures: list[Path]
     losses: list[tuple[int, float]]
     wall_time: float
+    preempted: str | None = None        # the signal that stopped the run early, if any
+    skipped_steps: int = 0              # steps skipped for a non-finite loss or gradient
+    memory: list[MemoryReport] = field(default_factory=list)
 
 
 class Trainer:
@@ -48,12 +57,12 @@ class Trainer:
         device_type = "cuda" if cfg.engine.device == "cuda" or (
             cfg.engine.device == "auto" and torch.cuda.is_available()) else "cpu"
         self.env = init_distributed(device_type)
-        self.backend = build_backend(cfg.engine, self.env)
+        self.backend = build_backend(cfg.engine, self.env, cfg.optim, cfg.data.batch_size)
         self.run_dir = Path(cfg.output.dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
         seed_everything(cfg.engine.seed)  # identical initial weights on every rank
-        self.model = self.backend.wrap(MIMMethod(cfg))
+        self.backend.wrap(MIMMethod(cfg))
         self.method: MIMMethod = self.backend.module
         self.data = build_pretrain_data(cfg.data, cfg.model.img_size, cfg.engine.seed,
                                         self.env.rank, self.env.world_size)
@@ -69,8 +78,11 @@ class Trainer:
         self.optimizer = self.backend.build_optimizer(
             param_groups(self.method, cfg.optim.weight_decay), self.lr, cfg.optim.betas)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.output.keep_last)
+        self.guard = NumericsGuard(cfg.engine.max_nonfinite_steps)
         self.step = 0
+        self.saved_step: int | None = None
         self.figures: list[Path] = []
+        self.memory: list[MemoryReport] = []
 
         resume_from = resolve_resume(cfg.resume, self.checkpoints)
         if resume_from is not None:
@@ -81,6 +93,7 @@ class Trainer:
                                 cfg.logging.tensorboard, cfg.logging.progress)
         self.logger.print(
             f"mimscale pretrain: recipe={cfg.recipe} model={cfg.model.name} img={cfg.model.img_size} "
+            f"backend={self.backend.name}{f' zero{cfg.engine.zero_stage}' if self.backend.name == 'deepspeed' else ''} "
             f"ranks={self.env.world_size} batch/rank={cfg.data.batch_size} accum={accum} "
             f"effective_batch={self.effective_batch} lr={self.lr:.3g} "
             f"({'optim.lr' if cfg.optim.lr else f'blr {cfg.optim.blr:g} x {self.effective_batch}/256'}) "
@@ -89,92 +102,145 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
 
-    def state_dict(self) -> dict:
-        backend_state = self.backend.state_dict()
-        student, method_state = self.method.split_state_dict(backend_state.pop("model"))
+    def _run_state(self) -> dict:
+        """Everything but the backend's model/optimizer. Collective (gathers every rank's RNG and
+        rank-local module state, such as PLB's per-rank loss sums)."""
         return {
-            "model": student,  # official MAE layout: loads into build_mae(...) and exports to timm
-            "method": method_state,
-            **backend_state,
+            "format": self.backend.checkpoint_format,
+            "backend": self.backend.name,
+            "world_size": self.env.world_size,
             "step": self.step,
             "data": self.data.state_dict(),
+            "data_per_rank": self.backend.all_gather_object(self.data.state_dict()),  # skips differ
             "rng": self.backend.all_gather_object(rng_state()),
+            "rank_state": self.backend.all_gather_object(_to_cpu(rank_local_state(self.method))),
+            "guard": self.guard.state_dict(),
             "config": to_dict(self.cfg),
             "effective_batch": self.effective_batch,
             "lr": self.lr,
         }
 
+    def save_checkpoint(self) -> Path:
+        """An atomic checkpoint of this step. Collective: every rank writes its shards into the
+        staging folder, then the main rank writes state.pt and the marker and renames it."""
+        tmp = self.checkpoints.staging_path(self.step)
+        if self.env.is_main:
+            self.checkpoints.stage(self.step)
+        self.backend.barrier()
+        entries = self.backend.save(tmp)
+        if "model" in entries:  # full format: the student in the official MAE layout
+            student, method_state = self.method.split_state_dict(entries.pop("model"))
+            entries = {"model": student, "method": method_state, **entries}
+        state = {**entries, **self._run_state()}
+        if self.env.is_main:
+            self.checkpoints.commit(self.step, tmp, state, to_yaml(self.cfg))
+        self.backend.barrier()
+        self.saved_step = self.step
+        return self.checkpoints.path_for(self.step)
+
     def _restore(self, path: Path) -> None:
-        state = load_checkpoint(path)
-        model = self.method.join_state_dict(state["model"], state.get("method", {}))
-        self.backend.load_state_dict({**state, "model": model})
+        state = read_state(path)
+        self.backend.load(path, state)
+        per_rank = state.get("rank_state") or [{}]
+        same_world = len(per_rank) == self.env.world_size
+        load_rank_local_state(self.method, per_rank[self.env.rank if same_world else 0])
         self.step = int(state["step"])
-        self.data.load_state_dict(state["data"])
+        data = state.get("data_per_rank") or [state["data"]]
+        self.data.load_state_dict(data[self.env.rank] if len(data) == self.env.world_size else data[0])
+        self.guard.load_state_dict(state.get("guard", {}))
         rngs = state["rng"]
         if len(rngs) == self.env.world_size:
             set_rng_state(rngs[self.env.rank])
-
-    def save_checkpoint(self) -> Path | None:
-        state = self.state_dict()  # collective: every rank takes part
-        path = None
-        if self.env.is_main:
-            path = self.checkpoints.save(self.step, state, to_yaml(self.cfg))
-        self.backend.barrier()
-        return path
 
     # ------------------------------------------------------------------ loop
 
     def _micro_step(self, batch: dict, generator: torch.Generator, sync: bool):
         images = batch["images"].to(self.backend.device, non_blocking=True)
+        views = batch.get("views") or []  # two-view recipes: the second view feeds the contrast
+        second = views[1].to(self.backend.device, non_blocking=True) if len(views) > 1 else None
         with self.backend.accumulate(sync):
             with self.backend.autocast():
-                out = self.model(images, generator)
-            (out.loss / self.cfg.optim.accum_steps).backward()
+                out = self.backend.model(images, generator, second)
+            self.backend.backward(poison_nonfinite(out.loss), 1.0 / self.cfg.optim.accum_steps)
         return images, out
 
     def fit(self) -> RunSummary:
+        with PreemptionHandler(self.cfg.engine.preempt_signals) as preemption:
+            try:
+                return self._fit(preemption)
+            finally:
+                self.logger.close()
+
+    def _fit(self, preemption: PreemptionHandler) -> RunSummary:
         cfg = self.cfg
         accum = cfg.optim.accum_steps
         data_iter = iter(self.data)
         losses: list[tuple[int, float]] = []
         window = _Window()
-        start = time.perf_counter()
-        last_ckpt = None
+        start, start_step = time.perf_counter(), self.step
+        report_at = start_step + min(cfg.engine.memory_report_steps, self.total_steps - start_step)
+        stopped_by = None
         out = images = None
-        self.model.train()
+        self.backend.model.train()
         while self.step < self.total_steps:
             self.backend.set_lr(cosine_lr(self.step, self.lr, self.total_steps, self.warmup_steps, cfg.optim.min_lr))
             generator = step_generator(cfg.engine.seed, self.step, self.env.rank)
             self.method.set_progress(self.step, self.total_steps, self.steps_per_epoch)
             epoch = self.data.state_dict()["epoch"]
+            step_terms: dict[str, torch.Tensor] = {}
             for micro in range(accum):
                 images, out = self._micro_step(next(data_iter), generator, micro == accum - 1)
-                window.add({"loss": out.loss.detach(), **out.terms}, images.shape[0] * self.env.world_size)
-            grad_norm = self.backend.step(cfg.optim.clip_grad)
-            self.method.after_optimizer_step(self.step, self.total_steps)
+                for k, v in {"loss": out.loss, **out.terms}.items():
+                    v = v.detach().float()
+                    step_terms[k] = step_terms[k] + v if k in step_terms else v
+            grad_norm = float(self.backend.step(cfg.optim.clip_grad))
+            finite = math.isfinite(grad_norm)
+            if finite:  # a skipped step changed nothing, so nothing follows it
+                with self.backend.local_shards():
+                    self.method.after_optimizer_step(self.step, self.total_steps)
+                window.add({k: v / accum for k, v in step_terms.items()},
+                           images.shape[0] * accum * self.env.world_size)
             self.step += 1
+            self.guard.record(self.step, finite)
 
+            if cfg.engine.memory_report_steps and self.step == report_at:
+                self._memory_report()
             if self.step % cfg.logging.log_every == 0 or self.step == self.total_steps:
                 means, images_per_s = window.flush()
-                if not math.isfinite(means["loss"]):
-                    raise FloatingPointError(f"non-finite loss {means['loss']} at step {self.step}")
                 metrics = {"epoch": epoch, **means, "lr": self.optimizer.param_groups[0]["lr"],
-                           "grad_norm": float(grad_norm), "images_per_s": images_per_s}
+                           "grad_norm": grad_norm if finite else None, "images_per_s": images_per_s,
+                           "skipped_steps": self.guard.skipped}
                 self.logger.log(self.step, metrics)
-                losses.append((self.step, means["loss"]))
+                if "loss" in means:
+                    losses.append((self.step, means["loss"]))
             else:
                 self.logger.advance(self.step)
             if cfg.logging.image_every and self.step % cfg.logging.image_every == 0 and self.env.is_main:
                 self._figure(images, out)
-            if self.step % cfg.output.checkpoint_every == 0 or self.step == self.total_steps:
-                last_ckpt = self.save_checkpoint()
+            # no periodic checkpoint in a streak of skipped steps: the last one written stays the newest
+            if (self.step % cfg.output.checkpoint_every == 0 and self.guard.streak == 0
+                    or self.step == self.total_steps):
+                self.save_checkpoint()
+            if self.backend.any_rank(preemption.requested):
+                stopped_by = preemption.received or "a signal on another rank"
+                if self.saved_step != self.step:
+                    self.save_checkpoint()
+                self.logger.print(f"{stopped_by}: checkpoint of step {self.step} written to "
+                                  f"{self.checkpoints.path_for(self.step)}; exiting (continue with resume=auto)")
+                break
         if self.env.is_main and out is not None and (
                 not cfg.logging.image_every or self.step % cfg.logging.image_every):
             self._figure(images, out)
-        self.logger.close()
-        return RunSummary(self.run_dir, self.step, last_ckpt or self.checkpoints.latest(), self.logger.metrics_path,
+        return RunSummary(self.run_dir, self.step, self.checkpoints.latest(), self.logger.metrics_path,
                           self.logger.tb_dir if cfg.logging.tensorboard else None, self.figures, losses,
-                          time.perf_counter() - start)
+                          time.perf_counter() - start, stopped_by, self.guard.skipped, self.memory)
+
+    def _memory_report(self) -> None:
+        mine = measure(self.env.rank, self.backend.memory_bytes(), self.backend.device)
+        self.memory = [MemoryReport(**r) for r in self.backend.all_gather_object(asdict(mine))]
+        if self.env.is_main:
+            write_reports(self.run_dir / "memory.json", self.memory, self.backend.name, self.step)
+            self.logger.print(format_reports(self.memory, self.backend.name))
 
     def _figure(self, images: torch.Tensor, out) -> None:
         path = self.run_dir / "figures" / f"recon_step_{self.step:08d}.png"
@@ -182,8 +248,36 @@ class Trainer:
         self.figures.append(reconstruction_grid(self.method.student, images, mae.pred.detach(), mae.mask, path))
 
 
+def rank_local_state(model: nn.Module) -> dict:
+    """Each module's ``extra_state`` (strategy state such as PLB's per-rank loss sums), keyed as in
+    the state dict. Saved for every rank: a state dict holds only one rank's copy."""
+    out = {}
+    for name, module in model.named_modules():
+        if type(module).get_extra_state is not nn.Module.get_extra_state:
+            out[f"{name}._extra_state" if name else "_extra_state"] = module.get_extra_state()
+    return out
+
+
+def load_rank_local_state(model: nn.Module, state: dict) -> None:
+    for name, module in model.named_modules():
+        key = f"{name}._extra_state" if name else "_extra_state"
+        if key in state:
+            module.set_extra_state(state[key])
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
 class _Window:
-    """Sums logged terms between two log lines on the device; one host sync when flushed."""
+    """Sums logged terms between two log lines on the device; averaged over ranks and read once
+    (one host sync) when flushed."""
 
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}
@@ -193,15 +287,21 @@ class _Window:
 
     def add(self, terms: dict[str, torch.Tensor], images: int) -> None:
         for k, v in terms.items():
-            v = v.detach().float()
             self.sums[k] = self.sums[k] + v if k in self.sums else v
         self.count += 1
         self.images += images
 
     def flush(self) -> tuple[dict[str, float], float]:
-        keys = list(self.sums)
-        values = torch.stack([self.sums[k].to(self.sums[keys[0]].device) for k in keys]).cpu().tolist()
-        means = {k: v / self.count for k, v in zip(keys, values)}
+        means = {}
+        if self.count:
+            keys = sorted(self.sums)
+            values = torch.stack([self.sums[k].to(self.sums[keys[0]].device) for k in keys])
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            if world > 1:
+                dist.all_reduce(values)
+                values = values / world
+            means = {k: v / self.count for k, v in zip(keys, values.cpu().tolist())}
+            means = {"loss": means.pop("loss"), **means}
         rate = self.images / max(1e-9, time.perf_counter() - self.start)
         self.__init__()
         return means, rate

@@ -1,0 +1,214 @@
+"""``mimscale bench data``: images/s of every source on the same images, in one run.
+
+The same JPEGs are read as an ImageFolder by plain torchvision (``ImageFolder`` + ``DataLoader``,
+MAE's RandomResizedCrop + flip + ToTensor + Normalize: the baseline), and by mimscale's
+``imagefolder``, ``wds`` (tar shards holding the same bytes) and ``ffcv`` (a .beton, which ffcv
+re-encodes at quality 90) sources, plus ffcv's own loader on that .beton when ffcv is installed.
+Every row delivers normalised float32 ``[B, 3, S, S]`` batches with the same worker count. Rows are
+interleaved round by round, so machine noise hits all alike, and the medians are compared; each
+timing starts a fresh loader and drops its first batches (worker start-up, ffcv's compilation).
+The consumer only takes batches, so no prefetched backlog inflates a row.
+Without ``--root`` a synthetic JPEG set is generated once and cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import itertools
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROWS = ("torchvision", "imagefolder", "wds", "ffcv", "ffcv-native")
+
+
+def _size(text: str) -> tuple[int, int]:
+    w, _, h = text.lower().partition("x")
+    return int(w), int(h or w)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", help="an ImageFolder of JPEGs to use (default: generate a synthetic one)")
+    p.add_argument("--images", type=int, default=512, help="generated images (default 512)")
+    p.add_argument("--image-size", type=_size, default=(500, 375), help="generated WxH (default 500x375, "
+                   "ImageNet's most common size)")
+    p.add_argument("--img-size", type=int, default=224, help="crop size (default 224)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader workers, all rows")
+    p.add_argument("--batches", type=int, default=24, help="timed batches per row and round")
+    p.add_argument("--warmup", type=int, default=3, help="untimed batches first (worker start-up)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
+    p.add_argument("--cache", help="where generated data, shards and .beton go (default: the mimscale cache)")
+    p.add_argument("--json", help="also write the results here")
+
+
+# --------------------------------------------------------------------------- data
+
+def _jpeg_job(size, quality, i):
+    from PIL import Image
+
+    from .synthetic import CLASSES, sample_at
+
+    w, h = size
+    s = sample_at(0, i, max(w, h))
+    y0, x0 = (max(w, h) - h) // 2, (max(w, h) - w) // 2
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(s.image[y0:y0 + h, x0:x0 + w])).save(buf, "JPEG", quality=quality)
+    return CLASSES[s.label], buf.getvalue()
+
+
+def synthetic_jpeg_folder(root: Path, n: int, size: tuple[int, int], quality: int = 90,
+                          workers: int = 0) -> Path:
+    """An ImageFolder of ``n`` generated JPEGs (made once; ``.complete`` marks a finished set)."""
+    from functools import partial
+
+    from .shards.common import parallel_map, progress_bar
+
+    marker = root / ".complete"
+    if marker.exists():
+        return root
+    with progress_bar(n, 0, "generate", True) as advance:
+        for i, (cls, data) in enumerate(parallel_map(partial(_jpeg_job, size, quality), range(n), workers)):
+            (root / cls).mkdir(parents=True, exist_ok=True)
+            (root / cls / f"{i:06d}.jpg").write_bytes(data)
+            advance()
+    marker.write_text("")
+    return root
+
+
+def _prepare(args) -> tuple[Path, Path, Path | None]:
+    from .build import cache_dir
+    from .shards import ImageFolderInput, write_beton, write_wds
+    from .sources.wds import INDEX_NAME
+
+    base = Path(args.cache) if args.cache else cache_dir() / "bench"
+    if args.root:
+        root = Path(args.root)
+        tag = "root_" + hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:10]
+    else:
+        w, h = args.image_size
+        tag = f"jpeg_n{args.images}_{w}x{h}"
+        root = synthetic_jpeg_folder(base / tag / "images", args.images, (w, h), workers=args.workers)
+    shards = base / tag / "wds"
+    index = shards / INDEX_NAME
+    if not (index.exists() and json.loads(index.read_text())["mimscale"]["complete"]):
+        write_wds(ImageFolderInput(root), shards, max_bytes=64 << 20, workers=args.workers, overwrite=True)
+    beton = base / tag / "images.beton"
+    if {"ffcv", "ffcv-native"} & set(args.rows.split(",")) and not beton.exists():
+        try:
+            write_beton(ImageFolderInput(root), beton, workers=args.workers)
+        except ImportError as e:
+            print(f"skipping ffcv rows: {e}")
+    return root, index, beton if beton.exists() else None
+
+
+# --------------------------------------------------------------------------- rows
+
+def _torchvision(root, args):
+    import torch
+    from torchvision import datasets
+    from torchvision import transforms as T
+    from torchvision.transforms import InterpolationMode
+
+    from .transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    tf = T.Compose([T.RandomResizedCrop(args.img_size, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC),
+                    T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    loader = torch.utils.data.DataLoader(datasets.ImageFolder(str(root), tf), args.batch_size, shuffle=True,
+                                         num_workers=args.workers, drop_last=True,
+                                         persistent_workers=args.workers > 0)
+    return (x for _ in itertools.count() for x, _ in loader)
+
+
+def _mimscale(source, args):
+    from .loader import PretrainLoader
+    from .views import mae_views
+
+    loader = PretrainLoader(source, mae_views(args.img_size), args.batch_size, num_workers=args.workers,
+                            remainder="pad")
+    return (b["images"] for b in loader)
+
+
+def _ffcv_native(beton, args):
+    from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, ToTensor, ToTorchImage
+
+    from .transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    pipe = [RandomResizedCropRGBImageDecoder((args.img_size, args.img_size), scale=(0.2, 1.0)),
+            RandomHorizontalFlip(),
+            NormalizeImage(np.array(IMAGENET_MEAN) * 255, np.array(IMAGENET_STD) * 255, np.float32),
+            ToTensor(), ToTorchImage()]
+    loader = Loader(str(beton), args.batch_size, num_workers=max(1, args.workers), order=OrderOption.RANDOM,
+                    drop_last=True, pipelines={"image": pipe, "label": [IntDecoder(), ToTensor()]})
+    return (x for _ in itertools.count() for x, _ in loader)
+
+
+def _make(row, root, index, beton, args):
+    if row == "torchvision":
+        return _torchvision(root, args)
+    if row == "imagefolder":
+        from .sources.imagefolder import ImageFolderSource
+        return _mimscale(ImageFolderSource(root), args)
+    if row == "wds":
+        from .sources.wds import TarShardSource
+        return _mimscale(TarShardSource(str(index)), args)
+    if row == "ffcv":
+        from .sources.beton import BetonSource
+        return _mimscale(BetonSource(beton), args)
+    return _ffcv_native(beton, args)
+
+
+def _images_per_s(batches, args) -> float:
+    t0 = time.perf_counter()
+    n = 0
+    for _ in range(args.batches):
+        x = next(batches)
+        n += x.shape[0]
+    assert x.dtype.is_floating_point and x.shape[1:] == (3, args.img_size, args.img_size)
+    return n / (time.perf_counter() - t0)
+
+
+def run(args: argparse.Namespace) -> int:
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = set(rows) - set(ROWS)
+    if unknown:
+        raise SystemExit(f"mimscale bench data: unknown rows {sorted(unknown)}; valid: {', '.join(ROWS)}")
+    root, index, beton = _prepare(args)
+    if beton is None:
+        rows = [r for r in rows if not r.startswith("ffcv")]
+    speeds = {r: [] for r in rows}
+    for _ in range(args.rounds):
+        for row in rows:  # a fresh loader, warmed up untimed (worker start-up, ffcv's compilation)
+            batches = _make(row, root, index, beton, args)
+            for _ in range(args.warmup):
+                next(batches)
+            speeds[row].append(_images_per_s(batches, args))
+            batches.close()
+    median = {r: statistics.median(v) for r, v in speeds.items()}
+    base = median.get("torchvision")
+    print(f"mimscale bench data: {root}, {args.img_size}px RandomResizedCrop(0.2, 1) + flip, batch "
+          f"{args.batch_size}, {args.workers} workers, {args.batches} timed batches x {args.rounds} rounds "
+          "(median)")
+    print("| source | images/s | vs torchvision | runs |")
+    print("| --- | --- | --- | --- |")
+    for r in rows:
+        ratio = f"{median[r] / base:.2f}x" if base else "-"
+        print(f"| {r} | {median[r]:.0f} | {ratio} | {', '.join(f'{v:.0f}' for v in speeds[r])} |")
+    if base and "wds" in median:
+        print(f"wds / torchvision = {median['wds'] / base:.2f} (target >= 1.3)")
+        for r in ("ffcv", "ffcv-native"):
+            if r in median:
+                print(f"wds / {r} = {median['wds'] / median[r]:.2f} (target >= 1)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "func"},
+                                               "images_per_s": speeds, "median": median}, indent=1))
+    return 0

@@ -1,0 +1,319 @@
+"""webdataset tar shards, read by a small streaming reader of our own.
+
+Why not the ``webdataset`` package: exactly-once splits and exact resume need to know which sample
+of which shard each reader takes, which its pipeline (shard split, shuffle buffer) does not expose.
+Here a shard is a tar whose members are grouped into samples by key (``dir/name.ext`` -> key
+``dir/name``, consecutive members with one key are one sample), sample ids come from per-shard
+counts (an index JSON, or a header scan at start), and ``read(ids)`` streams each shard once,
+keeping only the samples asked for.
+
+URLs: local paths, brace patterns (``train-{000000..000127}.tar``, ``{a,b}``), globs, an index
+``.json`` listing shards, and ``pipe:COMMAND`` (a shell command writing a tar to stdout), which is
+refused unless ``allow_pipe`` is set, since it runs whatever the config says.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import itertools
+import json
+import logging
+import os
+import re
+import subprocess
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .base import Record, check_ids
+
+log = logging.getLogger("mimscale.data")
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
+LABEL_EXTS = ("cls", "label")
+INDEX_KIND = "wids-shard-index-v1"  # webdataset's indexed-dataset format, so its tools read ours
+INDEX_NAME = "index.json"
+_KEY = re.compile(r"^((?:.*/)?[^./][^/]*?)\.([^/]*)$")  # key = dir + name up to its first dot
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+# --------------------------------------------------------------------------- URLs
+
+def expand_braces(pattern: str) -> list[str]:
+    """``a-{00..02}.tar`` -> ``a-00.tar, a-01.tar, a-02.tar``; ``{x,y}`` alternatives; nested in order."""
+    m = _BRACE.search(pattern)
+    if not m:
+        return [pattern]
+    body = m.group(1)
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        lo, hi = rng.groups()
+        if int(hi) < int(lo):
+            raise ValueError(f"brace range {{{body}}} in {pattern!r} is empty ({hi} < {lo})")
+        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
+        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    elif "," in body:
+        options = body.split(",")
+    else:
+        raise ValueError(f"cannot expand {{{body}}} in {pattern!r}: use {{N..M}} or {{a,b,...}}")
+    head, tail = pattern[: m.start()], pattern[m.end():]
+    return [x for opt in options for x in expand_braces(head + opt + tail)]
+
+
+def resolve_urls(urls, allow_pipe: bool = False) -> tuple[list[str], list[int] | None]:
+    """The shard list ``urls`` names, checked to exist, and their counts when an index gives them.
+
+    Fails at once on an empty spec, a pattern or glob that matches nothing, a missing file or a
+    ``pipe:`` URL without ``allow_pipe``, naming the offending entry.
+    """
+    specs = [urls] if isinstance(urls, str) else list(urls or [])
+    specs = [str(s).strip() for s in specs if str(s).strip()]
+    if not specs:
+        raise ValueError("data.urls is empty: give tar shards (paths, a brace pattern like "
+                         "'train-{000000..000127}.tar', a glob), an index .json or pipe: commands")
+    shards: list[str] = []
+    counts: list[int] | None = []
+    for spec in specs:
+        if spec.endswith(".json") and not spec.startswith("pipe:"):
+            listed, n = read_index(spec)
+            shards += listed
+            counts = counts + n if counts is not None else None
+            for s in listed:
+                _check_shard(s, allow_pipe, spec)
+            continue
+        counts = None
+        expanded = expand_braces(spec)
+        for s in expanded:
+            if s.startswith("file://"):
+                s = s[len("file://"):]
+            if not s.startswith("pipe:") and any(c in s for c in "*?["):
+                matched = sorted(glob.glob(s))
+                if not matched:
+                    raise FileNotFoundError(f"data.urls: {s!r} matches no files")
+                shards += matched
+                continue
+            _check_shard(s, allow_pipe, spec if len(expanded) > 1 else None)
+            shards.append(s)
+    return shards, counts
+
+
+def _check_shard(url: str, allow_pipe: bool, spec: str | None) -> None:
+    origin = f" (from {spec!r})" if spec and spec != url else ""
+    if url.startswith("pipe:"):
+        if not allow_pipe:
+            raise ValueError(f"data.urls: {url!r}{origin} runs a shell command; set data.allow_pipe=true "
+                             "to allow pipe: URLs")
+        return
+    if re.match(r"^[a-z][a-z0-9+.-]*://", url):
+        raise ValueError(f"data.urls: {url!r}{origin}: unsupported scheme; use local paths or "
+                         "pipe:COMMAND (e.g. 'pipe:curl -s URL' with data.allow_pipe=true)")
+    if not os.path.isfile(url):
+        raise FileNotFoundError(f"data.urls: shard {url}{origin} does not exist")
+
+
+# --------------------------------------------------------------------------- index
+
+def read_index(path: str | os.PathLike) -> tuple[list[str], list[int]]:
+    """Shards (resolved against the index's folder) and sample counts of an index JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.urls: index {path} does not exist")
+    doc = json.loads(path.read_text())
+    entries = doc.get("shardlist") if isinstance(doc, dict) else None
+    if not entries:
+        raise ValueError(f"index {path} lists no shards (expected a 'shardlist' of "
+                         "{{'url': ..., 'nsamples': ...}})")
+    urls = [e["url"] if e["url"].startswith("pipe:") or os.path.isabs(e["url"])
+            else str(path.parent / e["url"]) for e in entries]
+    return urls, [int(e["nsamples"]) for e in entries]
+
+
+def index_document(entries: list[dict], **extra) -> dict:
+    """An index JSON: ``entries`` are ``{'url', 'nsamples', 'filesize'}`` with URLs relative to it."""
+    return {"__kind__": INDEX_KIND, "wids_version": 1, "shardlist": entries, **extra}
+
+
+def sibling_index_counts(shards: list[str]) -> list[int] | None:
+    """Counts from ``index.json`` next to local shards when it lists every one at its current size."""
+    folders = {os.path.dirname(os.path.abspath(s)) for s in shards}
+    if len(folders) != 1 or any(s.startswith("pipe:") for s in shards):
+        return None
+    index = Path(folders.pop()) / INDEX_NAME
+    if not index.is_file():
+        return None
+    try:
+        doc = json.loads(index.read_text())
+        known = {os.path.abspath(index.parent / e["url"]): e for e in doc["shardlist"]}
+        entries = [known[os.path.abspath(s)] for s in shards]
+        if all(e.get("filesize") == os.path.getsize(s) for e, s in zip(entries, shards)):
+            return [int(e["nsamples"]) for e in entries]
+    except (KeyError, ValueError, OSError, TypeError):
+        pass
+    return None
+
+
+# --------------------------------------------------------------------------- reading tars
+
+def split_key(name: str) -> tuple[str, str] | None:
+    m = _KEY.match(name)
+    return (m.group(1), m.group(2).lower()) if m else None
+
+
+class _open_tar:
+    """A tar opened for one pass: seekable for local files (unread members are skipped by
+    seeking), a stream for ``pipe:`` commands (the process is ended when we are done)."""
+
+    def __init__(self, url: str):
+        self.url, self.proc = url, None
+
+    def __enter__(self) -> tarfile.TarFile:
+        if self.url.startswith("pipe:"):
+            self.proc = subprocess.Popen(self.url[len("pipe:"):], shell=True, stdout=subprocess.PIPE,
+                                         stderr=subprocess.DEVNULL, bufsize=1 << 20)
+            self.tar = tarfile.open(fileobj=self.proc.stdout, mode="r|*")
+        else:
+            self.tar = tarfile.open(self.url, mode="r:")
+        return self.tar
+
+    def __exit__(self, *exc) -> None:
+        self.tar.close()
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc.stdout.close()
+
+
+def iter_members(tar: tarfile.TarFile) -> Iterator[tuple[int, str, str, tarfile.TarInfo]]:
+    """``(sample index, key, ext, member)`` for every file member that belongs to a sample."""
+    index, last = -1, None
+    for m in tar:
+        if not m.isfile():
+            continue
+        parts = split_key(m.name)
+        if parts is None:
+            continue
+        key, ext = parts
+        if key != last:
+            index, last = index + 1, key
+        yield index, key, ext, m
+
+
+def count_samples(url: str) -> int:
+    """Samples in a shard, from its headers (a truncated tar counts what is readable, with a warning)."""
+    n = 0
+    with _open_tar(url) as tar:
+        try:
+            for index, *_ in iter_members(tar):
+                n = index + 1
+        except (tarfile.TarError, EOFError, OSError) as e:
+            log.warning("shard %s is damaged after %d samples (%s); later samples are not used", url, n, e)
+    return n
+
+
+def read_shard(url: str, wanted: set[int]) -> dict[int, dict]:
+    """``{sample index: {'key', 'members': {ext: bytes or None}} or {'error'}}`` for ``wanted``.
+
+    Reads one pass and stops after the last wanted sample. Only image and label members are read
+    (``None`` stands for the others); members of unwanted samples are skipped by seeking (local
+    files) or by reading past them (pipes). A damaged tar yields an ``error`` for every wanted
+    sample not completely read.
+    """
+    out: dict[int, dict] = {}
+    last_wanted = max(wanted)
+    current, seen = None, 0
+    try:
+        with _open_tar(url) as tar:
+            for index, key, ext, m in iter_members(tar):
+                seen = index + 1
+                if index > last_wanted:
+                    break
+                current = index if index in wanted else None
+                if current is None:
+                    continue
+                sample = out.setdefault(index, {"key": key, "members": {}})
+                sample["members"][ext] = _read_member(tar, m) if ext in _KEEP else None
+            current = None
+    except (tarfile.TarError, EOFError, OSError) as e:
+        if current is not None:
+            out[current] = {"key": out[current]["key"], "error": f"damaged shard while reading it: {e}"}
+        for i in wanted - out.keys():
+            out[i] = {"key": f"#{i}", "error": f"damaged shard, sample not reached: {e}"}
+        return out
+    for i in wanted - out.keys():
+        out[i] = {"key": f"#{i}", "error": f"missing: the shard ends after {seen} samples "
+                                           f"(truncated?) but its count says more"}
+    return out
+
+
+_KEEP = frozenset(IMAGE_EXTS + LABEL_EXTS)
+
+
+def _read_member(tar: tarfile.TarFile, m: tarfile.TarInfo) -> bytes:
+    if not getattr(tar.fileobj, "seekable", lambda: False)():  # a pipe: read in stream order
+        return tar.extractfile(m).read()
+    tar.fileobj.seek(m.offset_data)  # direct read: tarfile seeks back to the next header itself
+    data = tar.fileobj.read(m.size)
+    if len(data) != m.size:
+        raise tarfile.ReadError(f"unexpected end of data in {m.name}")
+    return data
+
+
+def to_record(sample_id: int, url: str, sample: dict) -> Record:
+    rec = Record(sample_id, url, sample["key"])
+    if "error" in sample:
+        rec.error = sample["error"]
+        return rec
+    members = sample["members"]
+    ext = next((e for e in IMAGE_EXTS if e in members), None)
+    if ext is None:
+        rec.error = (f"missing key: no image member (.{', .'.join(IMAGE_EXTS)}) among "
+                     f"[{', '.join(sorted(members))}]")
+        return rec
+    rec.data = members[ext]
+    if not rec.data:
+        rec.error = f"zero-byte image member {sample['key']}.{ext}"
+    label = next((members[e] for e in LABEL_EXTS if e in members), None)
+    if label is not None:
+        with contextlib.suppress(ValueError):  # an unreadable label is just unknown (-1)
+            rec.label = int(label.decode().strip())
+    return rec
+
+
+class TarShardSource:
+    """webdataset shards as a loader source (see the module docstring)."""
+
+    name = "wds"
+
+    def __init__(self, urls, allow_pipe: bool = False, shard_sizes: list[int] | None = None):
+        self.shards, counts = resolve_urls(urls, allow_pipe)
+        if shard_sizes is None:
+            shard_sizes = counts or sibling_index_counts(self.shards)
+        if shard_sizes is None:
+            if len(self.shards) > 64:
+                log.warning("counting the samples of %d shards from their headers; write an index "
+                            "(mimscale shards index) to skip this", len(self.shards))
+            shard_sizes = [count_samples(s) for s in self.shards]
+        if len(shard_sizes) != len(self.shards):
+            raise ValueError(f"{len(shard_sizes)} counts for {len(self.shards)} shards")
+        self.shard_sizes = [int(n) for n in shard_sizes]
+        self.offsets = np.concatenate([[0], np.cumsum(self.shard_sizes)]).astype(np.int64)
+        if self.offsets[-1] == 0:
+            raise ValueError(f"data.urls: the {len(self.shards)} shard(s) hold no samples "
+                             f"(first: {self.shards[0]})")
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def read(self, ids) -> Iterator[Record]:
+        ids = check_ids(ids, len(self))
+        shard_of = np.searchsorted(self.offsets, ids, side="right") - 1
+        for shard, run in itertools.groupby(range(len(ids)), key=lambda i: shard_of[i]):
+            run_ids = ids[list(run)]
+            local = (run_ids - self.offsets[shard]).tolist()
+            url = self.shards[shard]
+            samples = read_shard(url, set(local))
+            for sid, i in zip(run_ids.tolist(), local):
+                yield to_record(sid, url, samples[i])

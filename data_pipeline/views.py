@@ -1,0 +1,200 @@
+"""Decode an encoded image into augmented views and the geometry that made each one.
+
+Why not torchvision transforms here: the crop must be known *before* decoding, so a JPEG is decoded
+at the smallest DCT scale (1/2, 1/4, 1/8) that still covers every view's crop at full output
+resolution (``PIL.Image.draft``), and then cropped and resized in one resampling pass. That is the
+cheap part of FFCV's speed, without its file format. Every random draw comes from the ``random.Random``
+passed in, which the loader seeds per sample, so a view does not depend on which worker made it.
+
+A view's geometry is its crop box ``(x0, y0, x1, y1)`` in pixels of the original image and
+whether it was flipped, so a score map or a mask can be related back to the image.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageFilter, ImageOps
+from torchvision.transforms import functional as TF
+
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One augmented view. Defaults are MAE's: random resized crop (0.2, 1), bicubic, flip."""
+    size: int
+    scale: tuple[float, float] = (0.2, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    crop: str = "random"  # or "center": a centred square of ``crop_pct`` of the short side
+    crop_pct: float = 0.875
+    flip_p: float = 0.5
+    jitter_p: float = 0.0  # colour jitter (brightness, contrast, saturation, hue) in random order
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    gray_p: float = 0.0
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
+
+
+def mae_views(img_size: int, scale=(0.2, 1.0), hflip: bool = True) -> tuple[ViewSpec, ...]:
+    return (ViewSpec(img_size, tuple(scale), flip_p=0.5 if hflip else 0.0),)
+
+
+def mocov3_views(img_size: int, scale=(0.08, 1.0)) -> tuple[ViewSpec, ...]:
+    """MoCo v3's asymmetric pair: both jittered and greyed; blur always / rarely, solarize never / sometimes."""
+    common = dict(size=img_size, scale=tuple(scale), jitter_p=0.8, gray_p=0.2)
+    return (ViewSpec(**common, blur_p=1.0), ViewSpec(**common, blur_p=0.1, solarize_p=0.2))
+
+
+def eval_views(img_size: int, crop_pct: float = 0.875) -> tuple[ViewSpec, ...]:
+    """The evaluation view: resize the short side to ``img_size / crop_pct``, centre crop, no flip."""
+    return (ViewSpec(img_size, crop="center", crop_pct=crop_pct, flip_p=0.0),)
+
+
+VIEW_SETS = {"mae": mae_views, "mocov3": mocov3_views}
+
+
+def sample_crop(width: int, height: int, scale, ratio, rng: random.Random) -> tuple[int, int, int, int]:
+    """Random resized crop ``(x0, y0, w, h)``: area fraction in ``scale``, log-uniform aspect in
+    ``ratio``, ten tries, then the largest centred crop whose aspect is clamped into ``ratio``."""
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    aspect = width / height
+    if aspect < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif aspect > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def center_crop(width: int, height: int, size: int, crop_pct: float) -> tuple[float, float, float, float]:
+    """The box of the original that torchvision's ``Resize(round(size / crop_pct))`` +
+    ``CenterCrop(size)`` keep, with their rounding, as ``(x0, y0, w, h)``."""
+    short = round(size / crop_pct)
+    if width <= height:
+        rw, rh = short, int(short * height / width)
+    else:
+        rw, rh = int(short * width / height), short
+    left, top = int(round((rw - size) / 2)), int(round((rh - size) / 2))
+    sx, sy = width / rw, height / rh
+    return left * sx, top * sy, min(size, rw) * sx, min(size, rh) * sy
+
+
+@dataclass
+class Views:
+    images: list[torch.Tensor]  # uint8 [3, size, size] per view
+    boxes: list[tuple[float, float, float, float]]  # x0, y0, x1, y1 in original pixels
+    flips: list[bool]
+    original_size: tuple[int, int]  # (height, width)
+
+
+def decode_views(data: bytes, specs, rng: random.Random, shape: tuple[int, int] | None = None,
+                 fast: bool = True) -> Views:
+    """Decode ``data`` (an encoded image, or raw RGB of ``shape``) into one view per spec.
+
+    Random crops are resampled by torch's uint8 antialiased bicubic kernel (the same filter as
+    PIL's, several times faster) on the decoded pixel grid: after DCT scaling, a box is rounded to
+    whole decoded pixels and the box reported is the one actually used. Centre crops keep
+    torchvision's exact fractional box (PIL). Raises on undecodable or truncated data.
+    """
+    if shape is not None:
+        im = Image.frombuffer("RGB", (shape[1], shape[0]), data, "raw", "RGB", 0, 1)
+    else:
+        im = Image.open(io.BytesIO(data))
+    width, height = im.size
+    plans = []
+    for spec in specs:
+        if spec.crop == "center":
+            box = center_crop(width, height, spec.size, spec.crop_pct)
+        else:
+            box = sample_crop(width, height, spec.scale, spec.ratio, rng)
+        plans.append((spec, box, rng.random() < spec.flip_p))
+    if fast and im.format == "JPEG":
+        # The smallest decode in which every crop still spans at least ``size`` pixels.
+        need_w = max(math.ceil(width * s.size / max(b[2], 1)) for s, b, _ in plans)
+        need_h = max(math.ceil(height * s.size / max(b[3], 1)) for s, b, _ in plans)
+        im.draft("RGB", (need_w, need_h))
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    sx, sy = im.width / width, im.height / height
+    pixels = None
+    out = Views([], [], [], (height, width))
+    for spec, (x, y, w, h), flip in plans:
+        if spec.crop == "center":
+            box = (x * sx, y * sy, min((x + w) * sx, im.width), min((y + h) * sy, im.height))
+            view = torch.from_numpy(np.array(im.resize((spec.size, spec.size), Image.BICUBIC, box=box)))
+            view = view.permute(2, 0, 1)
+            used = (x, y, x + w, y + h)
+        else:
+            if pixels is None:
+                pixels = _chw(im)
+            x0, y0 = min(round(x * sx), im.width - 1), min(round(y * sy), im.height - 1)
+            x1, y1 = max(min(round((x + w) * sx), im.width), x0 + 1), max(min(round((y + h) * sy), im.height), y0 + 1)
+            view = F.interpolate(pixels[None, :, y0:y1, x0:x1], size=(spec.size, spec.size),
+                                 mode="bicubic", antialias=True)[0]
+            used = (x0 / sx, y0 / sy, x1 / sx, y1 / sy)
+        if flip:
+            view = view.flip(-1)
+        out.images.append(_colour(view, spec, rng))
+        out.boxes.append(tuple(float(v) for v in used))
+        out.flips.append(flip)
+    return out
+
+
+def _chw(im: Image.Image) -> torch.Tensor:
+    """The decoded pixels as a uint8 ``[3, H, W]`` view (channels last in memory), no copy."""
+    with warnings.catch_warnings():  # read-only buffer: we never write to it
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.asarray(im)).permute(2, 0, 1)
+
+
+def _colour(view: torch.Tensor, spec: ViewSpec, rng: random.Random) -> torch.Tensor:
+    """MoCo v3's colour operations, on a PIL copy of the view (only views that have them)."""
+    if not (spec.jitter_p or spec.gray_p or spec.blur_p or spec.solarize_p):
+        return view
+    im = Image.fromarray(view.permute(1, 2, 0).numpy())
+    if spec.jitter_p and rng.random() < spec.jitter_p:
+        b, c, s, h = spec.jitter
+        ops = [(TF.adjust_brightness, rng.uniform(1 - b, 1 + b)),
+               (TF.adjust_contrast, rng.uniform(1 - c, 1 + c)),
+               (TF.adjust_saturation, rng.uniform(1 - s, 1 + s)),
+               (TF.adjust_hue, rng.uniform(-h, h))]
+        for i in rng.sample(range(4), 4):
+            fn, factor = ops[i]
+            im = fn(im, factor)
+    if spec.gray_p and rng.random() < spec.gray_p:
+        im = im.convert("L").convert("RGB")
+    if spec.blur_p and rng.random() < spec.blur_p:
+        im = im.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*spec.blur_sigma)))
+    if spec.solarize_p and rng.random() < spec.solarize_p:
+        im = ImageOps.solarize(im, 128)
+    return torch.from_numpy(np.array(im)).permute(2, 0, 1)
+
+
+_SCALE = 1 / (torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255)
+_SHIFT = -torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def normalize_uint8(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 ``[B, 3, H, W]`` -> ImageNet-normalised float32 (into ``out`` if given).
+
+    ``(x / 255 - mean) / std`` as a copy, a multiply and an add: vectorised kernels, several
+    times faster than one mixed-dtype subtraction."""
+    out = torch.empty(x.shape) if out is None else out
+    return out.copy_(x).mul_(_SCALE).add_(_SHIFT)

@@ -1,0 +1,101 @@
+"""Pretrained weights from whatever a user holds, as a timm ``VisionTransformer`` state dict.
+
+Detected, in this order: a mimscale run / checkpoint folder / ``state.pt`` (pretraining or a
+classifier written by ``mimscale finetune``); an official MAE file (``{'model': ...}``: pretraining
+with or without decoder, or fine-tuned with ``fc_norm`` and ``head``); anything else (a bare state
+dict, ``.safetensors``) is a timm state dict. The three share the encoder's key names, so only
+decoder keys are dropped; the architecture is what the checkpoint records, else read from shapes.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mimscale.pretrain.engine.checkpoint import load_checkpoint
+from mimscale.pretrain.models.export import read_state_dict
+from mimscale.tools.analysis.encoders import (
+    default_label,
+    encoder_weights,
+    infer_architecture,
+    resolve_mimscale,
+)
+
+
+@dataclass
+class PretrainedWeights:
+    state: dict[str, torch.Tensor]   # timm keys; ``fc_norm`` / ``head`` only for classifiers
+    kind: str                        # mimscale | mae | timm | classifier
+    label: str                       # how results name the checkpoint
+    model: str | None = None         # a ``build_mae`` preset, when the file records it
+    patch_size: int | None = None
+    recipe: str | None = None        # the pretraining recipe, when recorded
+    meta: dict = field(default_factory=dict)  # classifiers: classes, pool, img_size, ...
+
+    @property
+    def has_head(self) -> bool:
+        return "head.weight" in self.state
+
+    def architecture(self, name: str = "auto") -> tuple[str, int]:
+        """(preset name, patch size): the recorded one, else inferred from the weights' shapes."""
+        if name == "auto" and self.model:
+            return self.model, self.patch_size or _patch(self.state)
+        inferred, kwargs = infer_architecture(encoder_weights(self.state), None if name == "auto" else name)
+        return inferred, kwargs["patch_size"]
+
+    def pretrain_img_size(self) -> int:
+        """The resolution the position table was learnt at."""
+        pos = self.state["pos_embed"]
+        return round((pos.shape[1] - 1) ** 0.5) * _patch(self.state)
+
+
+def _patch(state: dict) -> int:
+    return int(state["patch_embed.proj.weight"].shape[-1])
+
+
+def _strip_decoder(state: dict) -> dict:
+    return {k: v for k, v in state.items() if not (k == "mask_token" or k.startswith("decoder_"))}
+
+
+def read_weights(path: str | os.PathLike) -> PretrainedWeights:
+    """Read and classify a checkpoint; a missing path raises FileNotFoundError."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (give a mimscale run or checkpoint "
+                                "folder, an MAE .pth, or a timm state dict)")
+    folder = resolve_mimscale(path)
+    if folder is not None:
+        ckpt = load_checkpoint(folder)
+        config = ckpt.get("config") or {}
+        if "classifier" in ckpt:  # written by mimscale finetune / linprobe
+            meta = ckpt["classifier"]
+            return PretrainedWeights(ckpt["model"], "classifier", meta.get("label") or default_label(path),
+                                     meta.get("model"), meta.get("patch_size"), meta.get("recipe"), meta)
+        model = config.get("model") or {}
+        return PretrainedWeights(_strip_decoder(ckpt["model"]), "mimscale", default_label(path),
+                                 model.get("name"), model.get("patch_size"), config.get("recipe"))
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return PretrainedWeights(load_file(str(path)), "timm", path.stem)
+    raw = torch.load(path, map_location="cpu", weights_only=False)  # MAE files pickle their args
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} holds a {type(raw).__name__}, not a state dict")
+    kind = "mae" if isinstance(raw.get("model"), dict) else "timm"
+    return PretrainedWeights(_strip_decoder(read_state_dict(raw)), kind, path.stem)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached(path: str, mtime: float) -> PretrainedWeights:
+    return read_weights(path)
+
+
+def cached_weights(path: str | os.PathLike) -> PretrainedWeights:
+    """``read_weights`` once per file version (the config reads the architecture, the run the
+    weights)."""
+    p = Path(path)
+    return _cached(str(p.resolve()), p.stat().st_mtime if p.exists() else 0.0)

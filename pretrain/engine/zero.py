@@ -1,0 +1,218 @@
+"""DeepSpeed backend: ZeRO stage 1 (optimizer state sharded), 2 (+ gradients), 3 (+ parameters).
+
+Parameters stay fp32 inside DeepSpeed and compute runs under the same autocast as the other
+backends: the EMA teacher then keeps exact fp32 weights (a bf16 teacher would round away most of
+each ``1 − m`` update), at the cost of DeepSpeed's separate fp32 master partition. Accumulation,
+clipping and the step belong to the DeepSpeed engine; this class maps the loop's interface onto it.
+Checkpoints are DeepSpeed's own files (``deepspeed/`` in the checkpoint folder); ``read_deepspeed``
+consolidates them into one fp32 state dict without DeepSpeed's engine or a process group.
+
+Install with ``pip install 'mimscale[deepspeed]'``; on CPUs DeepSpeed runs with
+``DS_ACCELERATOR=cpu`` and gloo (set automatically when ``engine.device`` resolves to cpu).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .backend import Backend
+from .checkpoint import checkpoint_format
+from .fsdp import init_single_process_group
+from .memory import nested_bytes, parameter_bytes
+
+TAG = "deepspeed"  # DeepSpeed's checkpoint tag = the sub-folder of the checkpoint folder
+
+
+def import_deepspeed(device_type: str = "cpu"):
+    if device_type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+    except ImportError:
+        raise ImportError("engine.backend=deepspeed needs DeepSpeed: pip install 'mimscale[deepspeed]' "
+                          "(or use engine.backend=fsdp, which needs nothing extra)") from None
+    return deepspeed
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class DeepSpeedBackend(Backend):
+    name = "deepspeed"
+    checkpoint_format = "deepspeed"
+
+    def __init__(self, device: torch.device, env, precision: str = "bf16", *, zero_stage: int = 2,
+                 clip_grad: float | None = None, accum_steps: int = 1, micro_batch: int = 1,
+                 cpu_offload: bool = False, extra_config: str | None = None, **options):
+        super().__init__(device, env, precision, **options)
+        self._check_offload(cpu_offload, device)
+        if zero_stage not in (1, 2, 3):
+            raise ValueError(f"zero_stage {zero_stage} is not valid; valid: 1, 2, 3")
+        self.zero_stage, self.clip_grad, self.accum_steps = zero_stage, clip_grad, accum_steps
+        self.micro_batch, self.cpu_offload, self.extra_config = micro_batch, cpu_offload, extra_config
+        self.engine = None
+
+    def ds_config(self) -> dict:
+        """The DeepSpeed config this run uses: generated from the mimscale config, then the
+        ``engine.deepspeed_config`` JSON merged over it."""
+        zero = {"stage": self.zero_stage,
+                # every parameter partitioned, none kept gathered: the EMA update then only ever
+                # touches local partitions (see local_shards)
+                "stage3_param_persistence_threshold": 0}
+        if self.cpu_offload:
+            zero["offload_optimizer"] = {"device": "cpu"}
+        config = {"train_micro_batch_size_per_gpu": self.micro_batch,
+                  "gradient_accumulation_steps": self.accum_steps,
+                  "gradient_clipping": self.clip_grad or 0.0,
+                  "zero_optimization": zero,
+                  "zero_allow_untested_optimizer": True,
+                  "zero_force_ds_cpu_optimizer": False,
+                  "steps_per_print": 2**31 - 1,
+                  "wall_clock_breakdown": False}
+        if self.extra_config:
+            config = _merge(config, json.loads(Path(self.extra_config).read_text()))
+        return config
+
+    # ----------------------------------------------------------------- model
+    def wrap(self, model: nn.Module) -> nn.Module:
+        import_deepspeed(self.device.type)
+        init_single_process_group(self.device)
+        # DeepSpeed reads the launcher's variables, which a plain single process does not have
+        for key, value in (("LOCAL_RANK", self.env.local_rank), ("RANK", self.env.rank),
+                           ("WORLD_SIZE", self.env.world_size)):
+            os.environ.setdefault(key, str(value))
+        self._prepare(model)
+        self.model = model  # replaced by the DeepSpeed engine once the optimizer exists
+        return model
+
+    def build_optimizer(self, groups: list[dict], lr: float, betas: tuple[float, float]):
+        deepspeed = import_deepspeed(self.device.type)
+        config = self.ds_config()
+        zero = config["zero_optimization"]
+        if (self.zero_stage == 3 and getattr(self.module, "teacher", None) is not None
+                and zero.get("stage3_param_persistence_threshold", 0) > 0):
+            raise ValueError("zero_optimization.stage3_param_persistence_threshold must stay 0 with a "
+                             "teacher: its EMA update works on parameter partitions only")
+        if zero.get("compute_grad_norm", True) is False:
+            raise ValueError("zero_optimization.compute_grad_norm must stay true: skipping non-finite "
+                             "steps needs DeepSpeed's gradient norm")
+        base = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=self.device.type == "cuda")
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.module, optimizer=base, config=config, dist_init_required=False)
+        self.model = self.engine
+        if self.zero_stage == 3:
+            _register_container_params(deepspeed, self.module)
+        return self.optimizer
+
+    def accumulate(self, sync: bool):
+        """Tells DeepSpeed where the accumulation boundary is. Stage 1 reduces gradients only
+        there; stages 2 and 3 reduce-scatter every micro-step, which is how they keep gradients
+        partitioned."""
+        self.engine.set_gradient_accumulation_boundary(sync)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, scale: float = 1.0) -> None:
+        """DeepSpeed divides by its ``gradient_accumulation_steps`` (= 1/``scale``) itself."""
+        self.engine.backward(loss)
+
+    def step(self, clip_grad: float | None = None) -> torch.Tensor:
+        """DeepSpeed's step (clipping as configured at build); it skips a step whose gradient norm
+        is not finite, which the returned norm shows."""
+        if not self._grad_bytes:
+            self._grad_bytes = nested_bytes(getattr(self.optimizer, "averaged_gradients", {}))
+        self.engine.step()
+        return torch.tensor(float(self.engine.get_global_grad_norm()))
+
+    @contextlib.contextmanager
+    def local_shards(self):
+        """Under ZeRO-3 a parameter's ``data`` is an empty placeholder between uses; inside this
+        context it is the rank's partition (same layout for same-shaped tensors, so a teacher and
+        the student it follows line up element by element)."""
+        if self.zero_stage < 3:
+            yield
+            return
+        swapped = []
+        for p in self.module.parameters():
+            if getattr(p, "ds_tensor", None) is not None and p.data.numel() == 0:
+                swapped.append((p, p.data))
+                p.data = p.ds_tensor.data
+        try:
+            yield
+        finally:
+            for p, placeholder in swapped:
+                p.data = placeholder
+
+    # ----------------------------------------------------------------- state
+    def save(self, folder: Path) -> dict:
+        self.engine.save_checkpoint(str(folder), tag=TAG, client_state={}, save_latest=False)
+        return {}
+
+    def load(self, folder: Path, state: dict) -> None:
+        fmt = checkpoint_format(state)
+        if fmt != "deepspeed":
+            raise ValueError(f"checkpoint {folder} was written by another backend ({fmt}); a deepspeed "
+                             "run resumes from deepspeed checkpoints only. Resume it with the backend "
+                             "that wrote it, or start a new run from its weights")
+        written_on = state.get("world_size", self.env.world_size)
+        if written_on != self.env.world_size:
+            raise ValueError(f"checkpoint {folder} was written by {written_on} ranks, this run has "
+                             f"{self.env.world_size}: DeepSpeed's ZeRO files load on the same number of "
+                             "ranks (engine.backend=fsdp checkpoints reshard freely)")
+        path, _ = self.engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint in {Path(folder) / TAG}")
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError("deepspeed keeps model and optimizer in its own files: use save()")
+
+    def memory_bytes(self) -> dict[str, int]:
+        params, teacher = parameter_bytes(self.module)
+        opt = self.optimizer
+        masters = (getattr(opt, "single_partition_of_fp32_groups", None)  # stages 1, 2
+                   or getattr(opt, "fp32_partitioned_groups_flat", None) or [])  # stage 3
+        optimizer = nested_bytes(opt.optimizer.state) + nested_bytes(list(masters))
+        return {"params": params, "grads": self._grad_bytes, "optimizer": optimizer, "teacher": teacher}
+
+
+def _register_container_params(deepspeed, root: nn.Module) -> None:
+    """ZeRO-3 gathers a module's own parameters when that module runs. Tokens and position tables
+    belong to container modules (the MAE, a teacher) that scorers read without calling them, so
+    they are gathered for the whole forward of the root instead."""
+    for module in root.modules():
+        if module is root or not any(True for _ in module.children()):
+            continue
+        for p in module.parameters(recurse=False):
+            deepspeed.zero.register_external_parameter(root, p)
+
+
+def read_deepspeed(folder: Path) -> dict:
+    """The fp32 model state dict (parameters, buffers and the teacher) of a DeepSpeed checkpoint
+    folder, consolidated in this process.
+
+    DeepSpeed's module file holds what is not partitioned (everything under stages 1-2, where it
+    is also the only copy of frozen parameters); its ``zero_to_fp32`` rebuilds the partitioned
+    fp32 parameters, which take precedence."""
+    import_deepspeed("cuda" if torch.cuda.is_available() else "cpu")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    files = sorted((Path(folder) / TAG).glob("*model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"checkpoint {folder} says it is a deepspeed checkpoint but has no "
+                                f"{TAG}/*model_states.pt: it is damaged")
+    # DeepSpeed's own files pickle its config objects, so they need the full unpickler
+    module = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    state = {k: v for k, v in module.items() if not isinstance(v, torch.Tensor) or v.numel() > 0}
+    fp32 = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=TAG)
+    state.update({k: v.contiguous() for k, v in fp32.items()})
+    return state

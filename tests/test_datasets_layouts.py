@@ -1,0 +1,189 @@
+"""Every data-set reader on a tiny fake copy of its official on-disk layout, written here."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from classify_data import write_cifar
+from PIL import Image
+
+from mimscale.downstream.classify.datasets import DatasetLayoutError, build_dataset
+
+
+def need(module):
+    """Optional extras are skipped on a developer machine, but required in CI."""
+    if os.environ.get("CI") == "true":
+        return __import__(module)
+    return pytest.importorskip(module)
+
+
+def _img(path, value=0, size=(6, 5)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size[1], size[0], 3), value, np.uint8)).save(path)
+
+
+def test_imagenet_imagefolder(tmp_path):
+    for split, n in (("train", 3), ("val", 2)):
+        for c in ("n01", "n02"):
+            for i in range(n):
+                _img(tmp_path / split / c / f"{c}_{i}.JPEG", 10 * i)
+    train = build_dataset("imagenet", tmp_path, "train")
+    val = build_dataset("imagenet", tmp_path, "val")
+    assert train.classes == val.classes == ["n01", "n02"]
+    assert len(train) == 6 and len(val) == 4 and val.labels == [0, 0, 1, 1]
+    image, label = val[2]
+    assert image.mode == "RGB" and image.size == (6, 5) and label == 1
+    assert val.keys[2] == "val/n02/n02_0.JPEG"
+    (tmp_path / "val" / "n03").mkdir()
+    _img(tmp_path / "val" / "n03" / "x.JPEG")
+    with pytest.raises(DatasetLayoutError, match="class folders that 'train/' lacks"):
+        build_dataset("imagenet", tmp_path, "val")
+    with pytest.raises(DatasetLayoutError, match=r"'train' is missing[\s\S]*expected layout"):
+        build_dataset("imagenet", tmp_path / "val", "val")
+    with pytest.raises(ValueError, match="valid: train, val"):
+        build_dataset("imagenet", tmp_path, "test")
+
+
+@pytest.mark.parametrize("year", [2018, 2019])
+def test_inaturalist_json(tmp_path, year):
+    images, anns = [], []
+    for i, cat in enumerate([0, 2, 2, 1]):
+        rel = f"train_val{year}/Plantae/{cat}/{i:03d}.jpg"
+        _img(tmp_path / rel, i)
+        images.append({"id": 100 + i, "file_name": rel, "width": 6, "height": 5})
+        anns.append({"id": i, "image_id": 100 + i, "category_id": cat})
+    cats = [{"id": c, "name": f"species{c}"} for c in (0, 1, 2)]
+    (tmp_path / f"train{year}.json").write_text(json.dumps({"images": images[:3], "annotations": anns[:3],
+                                                            "categories": cats}))
+    (tmp_path / f"val{year}.json").write_text(json.dumps({"images": images[3:], "annotations": anns[3:],
+                                                          "categories": cats}))
+    train = build_dataset(f"inat{year}", tmp_path, "train")
+    val = build_dataset(f"inat{year}", tmp_path, "val")
+    assert train.labels == [0, 2, 2] and val.labels == [1]
+    assert train.classes == ["species0", "species1", "species2"]
+    assert np.asarray(val[0][0]).max() == 3
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetLayoutError, match=f"'train{year}.json' is missing"):
+        build_dataset(f"inat{year}", tmp_path / "empty", "train")
+    with pytest.raises(DatasetLayoutError, match="the folder does not exist"):
+        build_dataset(f"inat{year}", tmp_path / "nowhere", "train")
+
+
+def test_flowers102_mat(tmp_path):
+    need("scipy")
+    from scipy.io import savemat
+
+    labels = np.array([[1, 2, 3, 1, 2, 3, 102]])
+    for i in range(1, 8):
+        _img(tmp_path / "jpg" / f"image_{i:05d}.jpg", i)
+    savemat(tmp_path / "imagelabels.mat", {"labels": labels})
+    savemat(tmp_path / "setid.mat", {"trnid": np.array([[1, 2]]), "valid": np.array([[3]]),
+                                     "tstid": np.array([[4, 5, 6, 7]])})
+    assert build_dataset("flowers102", tmp_path, "train").labels == [0, 1]
+    trainval = build_dataset("flowers102", tmp_path, "trainval")
+    assert trainval.keys == ["jpg/image_00001.jpg", "jpg/image_00002.jpg", "jpg/image_00003.jpg"]
+    test = build_dataset("flowers102", tmp_path, "test")
+    assert test.labels == [0, 1, 2, 101] and test.num_classes == 102
+    os.remove(tmp_path / "jpg" / "image_00005.jpg")
+    with pytest.raises(DatasetLayoutError, match="image_00005.jpg' is missing"):
+        build_dataset("flowers102", tmp_path, "test")
+    os.remove(tmp_path / "setid.mat")
+    with pytest.raises(DatasetLayoutError, match="'setid.mat' is missing"):
+        build_dataset("flowers102", tmp_path, "test")
+
+
+def test_cub200_text_files(tmp_path):
+    rows = [(1, "001.Albatross/a1.jpg", 1, 1), (2, "001.Albatross/a2.jpg", 1, 0),
+            (3, "002.Auklet/b1.jpg", 2, 1), (4, "002.Auklet/b2.jpg", 2, 0)]
+    for _, rel, _, _ in rows:
+        _img(tmp_path / "images" / rel)
+    (tmp_path / "images.txt").write_text("".join(f"{i} {rel}\n" for i, rel, _, _ in rows))
+    (tmp_path / "image_class_labels.txt").write_text("".join(f"{i} {c}\n" for i, _, c, _ in rows))
+    (tmp_path / "train_test_split.txt").write_text("".join(f"{i} {t}\n" for i, _, _, t in rows))
+    (tmp_path / "classes.txt").write_text("1 001.Albatross\n2 002.Auklet\n")
+    train, test = build_dataset("cub200", tmp_path, "train"), build_dataset("cub200", tmp_path, "test")
+    assert train.keys == ["images/001.Albatross/a1.jpg", "images/002.Auklet/b1.jpg"] and train.labels == [0, 1]
+    assert test.labels == [0, 1] and test.classes == ["001.Albatross", "002.Auklet"]
+    (tmp_path / "image_class_labels.txt").write_text("1 1 extra\n")
+    with pytest.raises(DatasetLayoutError, match="image_class_labels.txt line 1 has 3 fields"):
+        build_dataset("cub200", tmp_path, "train")
+
+
+def test_stanford_dogs_mat(tmp_path):
+    need("scipy")
+    from scipy.io import savemat
+
+    files = {"train": [("n02085620-Chihuahua/c1.jpg", 1), ("n02085782-Japanese_spaniel/j1.jpg", 2)],
+             "test": [("n02085782-Japanese_spaniel/j2.jpg", 2)]}
+    for split, items in files.items():
+        for rel, _ in items:
+            _img(tmp_path / "Images" / rel)
+        cell = np.empty((len(items), 1), dtype=object)
+        for i, (rel, _) in enumerate(items):
+            cell[i, 0] = np.array([rel])
+        savemat(tmp_path / f"{split}_list.mat", {"file_list": cell, "annotation_list": cell,
+                                                 "labels": np.array([[y] for _, y in items], float)})
+    train = build_dataset("stanford_dogs", tmp_path, "train")
+    assert train.labels == [0, 1] and train.classes == ["n02085620-Chihuahua", "n02085782-Japanese_spaniel"]
+    assert build_dataset("stanford_dogs", tmp_path, "test").keys == ["Images/n02085782-Japanese_spaniel/j2.jpg"]
+    savemat(tmp_path / "test_list.mat", {"file_list": np.array([[np.array(["n02085620-Chihuahua/c1.jpg"])]],
+                                                               dtype=object), "labels": np.array([[2.0]])})
+    with pytest.raises(DatasetLayoutError, match="puts n02085620-Chihuahua/c1.jpg in class 2"):
+        build_dataset("stanford_dogs", tmp_path, "test")
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_pickles(tmp_path, name):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+    y = np.arange(12) % 3
+    write_cifar(tmp_path, name, (x[:10], y[:10]), (x[10:], y[10:]), ["a", "b", "c"])
+    train, test = build_dataset(name, tmp_path, "train"), build_dataset(name, tmp_path, "test")
+    assert len(train) == 10 and len(test) == 2 and train.classes == ["a", "b", "c"]
+    image, label = train[7]
+    assert label == 1 and np.array_equal(np.asarray(image), x[7])  # channel planes back to HWC exactly
+    assert test.keys == ["test/0", "test/1"]
+    folder = tmp_path / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    assert build_dataset(name, folder, "test").labels == test.labels  # the batches folder itself works too
+    os.remove(folder / ("test_batch" if name == "cifar10" else "test"))
+    with pytest.raises(DatasetLayoutError, match="is missing[\\s\\S]*python pickles"):
+        build_dataset(name, tmp_path, "test")
+
+
+def test_dtd_folds(tmp_path):
+    for c in ("banded", "zigzagged"):
+        for i in range(3):
+            _img(tmp_path / "images" / c / f"{c}_{i}.jpg")
+    (tmp_path / "labels").mkdir()
+    for fold in (1, 2):
+        (tmp_path / "labels" / f"train{fold}.txt").write_text(f"banded/banded_{fold - 1}.jpg\nzigzagged/zigzagged_0.jpg\n")
+        (tmp_path / "labels" / f"val{fold}.txt").write_text("banded/banded_2.jpg\n")
+        (tmp_path / "labels" / f"test{fold}.txt").write_text("zigzagged/zigzagged_1.jpg\nzigzagged/zigzagged_2.jpg\n")
+    assert build_dataset("dtd", tmp_path, "trainval").labels == [0, 1, 0]
+    assert build_dataset("dtd", tmp_path, "train", fold=2).keys[0] == "images/banded/banded_1.jpg"
+    assert build_dataset("dtd", tmp_path, "test").labels == [1, 1]
+    with pytest.raises(DatasetLayoutError, match="labels/test3.txt' is missing"):
+        build_dataset("dtd", tmp_path, "test", fold=3)
+
+
+def test_tinyimagenet(tmp_path):
+    (tmp_path / "wnids.txt").write_text("n02\nn01\n")
+    for w in ("n01", "n02"):
+        for i in range(2):
+            _img(tmp_path / "train" / w / "images" / f"{w}_{i}.JPEG")
+    for i in range(3):
+        _img(tmp_path / "val" / "images" / f"val_{i}.JPEG")
+    (tmp_path / "val" / "val_annotations.txt").write_text(
+        "val_0.JPEG\tn02\t0\t0\t5\t5\nval_1.JPEG\tn01\t1\t1\t4\t4\nval_2.JPEG\tn02\t0\t0\t3\t3\n")
+    train, val = build_dataset("tinyimagenet", tmp_path, "train"), build_dataset("tinyimagenet", tmp_path, "val")
+    assert train.classes == ["n01", "n02"] and train.labels == [0, 0, 1, 1]
+    assert val.labels == [1, 0, 1] and val.keys[0] == "val/images/val_0.JPEG"
+    (tmp_path / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn99\t0\t0\t5\t5\n")
+    with pytest.raises(DatasetLayoutError, match="line 1 does not name a file and a wnid"):
+        build_dataset("tinyimagenet", tmp_path, "val")
+
+
+def test_unknown_dataset():
+    with pytest.raises(ValueError, match="unknown data set 'mnist'; valid: imagenet"):
+        build_dataset("mnist", ".", "train")

@@ -1,0 +1,103 @@
+"""Engine options: activation checkpointing and compile change no number; the memory report
+measures what a single process holds; bad engine settings are named before any work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from distributed_utils import one_thread  # noqa: F401  (autouse fixture)
+
+from mimscale.config import ConfigError
+from mimscale.pretrain.engine.backend import DDPBackend, DistEnv
+from mimscale.pretrain.engine.blocks import compile_blocks, transformer_blocks
+from mimscale.pretrain.engine.rng import seed_everything, step_generator
+from mimscale.pretrain.engine.trainer import Trainer
+from mimscale.pretrain.engine.zero import DeepSpeedBackend
+from mimscale.pretrain.method import MIMMethod
+from mimscale.pretrain.models.vit import Block
+
+
+def _gradients(cfg, **options) -> tuple[float, dict[str, torch.Tensor]]:
+    seed_everything(0)
+    backend = DDPBackend(torch.device("cpu"), DistEnv(), "fp32", **options)
+    model = backend.wrap(MIMMethod(cfg))
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    out = model(images, step_generator(0, 0, 0))
+    backend.backward(out.loss)
+    return float(out.loss.detach()), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_activation_checkpointing_recomputes_the_same_gradients(tiny_config):
+    cfg = tiny_config("teacher.type=ema", "masking.strategy=gpa", "masking.gpa.block=1", "masking.gpa.head=mean")
+    loss, grads = _gradients(cfg)
+    loss_ac, grads_ac = _gradients(cfg, activation_checkpointing=True)
+    assert loss_ac == loss and grads_ac.keys() == grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_ac[name], g, rtol=0, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_compiled_block_matches_eager():
+    torch.manual_seed(0)
+    eager = Block(32, 2)
+    compiled = Block(32, 2)
+    compiled.load_state_dict(eager.state_dict())
+    compile_blocks(transformer_blocks(torch.nn.Sequential(compiled)))
+    x = torch.randn(2, 5, 32)
+    for blk in (eager, compiled):
+        blk(x).square().sum().backward()
+    torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+    for (n, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_memory_report_counts_what_one_process_holds(tiny_config, tmp_path):
+    cfg = tiny_config("schedule.max_steps=3", "engine.memory_report_steps=2", "teacher.type=ema")
+    trainer = Trainer(cfg)
+    summary = trainer.fit()
+    (report,) = summary.memory
+    method = trainer.method
+    teacher_ids = {id(p) for p in method.teacher.parameters()}
+    nbytes = lambda ps: sum(p.numel() * p.element_size() for p in ps)
+    trainable = [p for p in method.parameters() if p.requires_grad]
+    assert report.params == nbytes(p for p in method.parameters() if id(p) not in teacher_ids)
+    assert report.teacher == nbytes(method.teacher.parameters()) > 0
+    assert report.grads == nbytes(trainable)
+    # AdamW: two fp32 moments per trainable parameter, plus one 4-byte step counter per tensor
+    assert report.optimizer == 2 * nbytes(trainable) + 4 * len(trainable)
+    assert report.peak_rss > report.states and report.peak_cuda is None
+    saved = json.loads((tmp_path / "run" / "memory.json").read_text())
+    assert saved["backend"] == "ddp" and saved["step"] == 2 and saved["ranks"][0]["states"] == report.states
+
+
+@pytest.mark.parametrize("override,message", [
+    ("engine.backend=zero3", "valid: ddp, fsdp, deepspeed"),
+    ("engine.zero_stage=4", "valid: 1, 2, 3"),
+    ("engine.preempt_signals=[SIGKILL]", "not a signal a process can catch"),
+    ("engine.preempt_signals=[SIGNOPE]", "not a signal a process can catch"),
+    ("engine.cpu_offload=true", "needs engine.backend=fsdp or deepspeed"),
+    ("engine.deepspeed_config=ds.json", "only used with engine.backend=deepspeed"),
+    ("engine.max_nonfinite_steps=-1", "must be >= 0"),
+])
+def test_bad_engine_settings_are_named(tiny_config, override, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(override)
+
+
+def test_cpu_offload_on_a_cpu_device_is_refused(tiny_config):
+    with pytest.raises(ValueError, match="nothing to offload"):
+        Trainer(tiny_config("engine.backend=fsdp", "engine.cpu_offload=true", "engine.device=cpu"))
+
+
+def test_deepspeed_config_is_generated_then_overridden_by_the_users_json(tmp_path):
+    extra = tmp_path / "ds.json"
+    extra.write_text(json.dumps({"zero_optimization": {"overlap_comm": True}, "gradient_clipping": 2.0}))
+    backend = DeepSpeedBackend(torch.device("cpu"), DistEnv(), "bf16", zero_stage=3, clip_grad=1.0,
+                               accum_steps=4, micro_batch=16, extra_config=str(extra))
+    config = backend.ds_config()
+    assert config["train_micro_batch_size_per_gpu"] == 16 and config["gradient_accumulation_steps"] == 4
+    assert config["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                           "overlap_comm": True}
+    assert config["gradient_clipping"] == 2.0 and "bf16" not in config  # fp32 params, autocast compute
