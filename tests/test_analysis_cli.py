@@ -148,8 +148,7 @@ def test_guided_strategies_hide_objects_more_than_random(scorer_checkpoints, tmp
     sal = scorer_checkpoints / "salient.pth"
     assert main(["analyze", "masks", "--checkpoint", str(scorer_checkpoints / "attending.pth"),
                  "--strategies", f"random,idm,gpa,ccmim,sbam={sal},sbam_amr={sal}", "--num-images", "32",
-                 "--out", str(out), "model.decoder_embed_dim=32", "model.decoder_depth=1",  # encoder: from the weights
-                 "model.decoder_num_heads=2", "masking.ratio=0.5", "masking.gpa.block=-1"]) == 0
+                 "--out", str(out), "masking.ratio=0.5", "masking.gpa.block=-1"]) == 0  # sizes: from the weights
     with capsys.disabled():
         print("\n" + capsys.readouterr().out)
     rows = {r["strategy"]: r for r in read_csv(out / "masks.csv")}

@@ -124,13 +124,21 @@ def infer_architecture(state: dict, name: str | None = None) -> tuple[str, dict]
 
 
 def model_overrides(path: str | Path) -> list[str]:
-    """``model.*`` overrides that describe a non-mimscale checkpoint's encoder (a mimscale one
-    carries its config); the decoder keeps the config's (MAE's) sizes."""
+    """``model.*`` overrides that fit a non-mimscale checkpoint (a mimscale one carries its config),
+    so that it loads strictly into the method's student. Head counts are not in the weights: the
+    decoder gets a valid one (it is never run by the analyses)."""
     path = Path(path)
     if resolve_mimscale(path) is not None:
         return []
-    name, kwargs = infer_architecture(encoder_weights(read_weights(path)[0]))
-    return [f"model.name={name}", f"model.img_size={kwargs['img_size']}", f"model.patch_size={kwargs['patch_size']}"]
+    state = read_weights(path)[0]
+    name, kwargs = infer_architecture(encoder_weights(state))
+    out = [f"model.name={name}", f"model.img_size={kwargs['img_size']}", f"model.patch_size={kwargs['patch_size']}"]
+    if "decoder_embed.weight" in state:
+        width = state["decoder_embed.weight"].shape[0]
+        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("decoder_blocks."))
+        out += [f"model.decoder_embed_dim={width}", f"model.decoder_depth={depth}",
+                f"model.decoder_num_heads={math.gcd(width, 16)}"]
+    return out
 
 
 def load_encoder(path: str | Path, model: str | None = None, label: str | None = None) -> Encoder:
