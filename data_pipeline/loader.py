@@ -138,7 +138,7 @@ def _collate(items, num_views: int, bad: list[str]) -> dict:
     b = len(items)
     size = items[0][1].images[0].shape[1:]
     # Normalised here, in the (parallel) workers, not in the main process that trains.
-    views = [normalize_uint8(torch.stack([v.images[j] for _, v in items]), _float_batch((b, 3, *size)))
+    views = [normalize_uint8([v.images[j] for _, v in items], _float_batch((b, 3, *size)))
              for j in range(num_views)]
     out = {
         "images": views[0],

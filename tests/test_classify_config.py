@@ -46,6 +46,9 @@ def test_finetune_defaults_follow_mae_per_size(tiny_pth):
     (["model.name=mae_vit_base_patch16", "data.dataset=cifar10", "data.root=x", "data.fold=2"], "only dtd"),
     (["model.name=mae_vit_base_patch16", "data.dataset=synthetic", "model.pool=max"], "valid: cls, mean"),
     (["model.name=mae_vit_base_patch16", "data.datset=synthetic"], "did you mean 'dataset'"),
+    (["model.name=mae_vit_base_patch16", "data.dataset=synthetic", "eval_only=true"], "eval_only: needs checkpoint"),
+    (["model.name=mae_vit_base_patch16", "data.dataset=synthetic", "data.subset=0.1", "data.subset_file=x"],
+     "give one"),
     (["model.name=mae_vit_base_patch16", "data.dataset=mnist"], "valid: imagenet, imagefolder, inat2018"),
 ])
 def test_bad_options_are_named(overrides, message):

@@ -21,7 +21,11 @@ KNN = ["data.batch_size=5", "knn.k=4", "knn.chunk=3"]
 def _rank(rank, world, checkpoint, out, cache):
     import torch.distributed as dist
 
-    from mimscale.downstream.classify.config import FinetuneConfig, KNNRunConfig, load_classify_config
+    from mimscale.downstream.classify.config import (
+        FinetuneConfig,
+        KNNRunConfig,
+        load_classify_config,
+    )
     from mimscale.downstream.classify.finetune import run_finetune
     from mimscale.downstream.classify.knn_eval import run_knn
 

@@ -3,6 +3,8 @@ CIFAR-format data written by the test (where the accuracy claims are checked) an
 project's synthetic images; then ``mimscale results`` over every run."""
 
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from mimscale.downstream.classify.config import DataConfig
 from mimscale.downstream.classify.data import synthetic_root
 from mimscale.downstream.classify.datasets import build_dataset
 from mimscale.downstream.results import read_results
-from mimscale.pretrain.engine.logger import read_metrics
+from mimscale.pretrain.engine.logger import RunLogger, read_metrics
 
 pytestmark = pytest.mark.slow
 QUIET = ["data.num_workers=0", "engine.precision=fp32", "output.tensorboard=false", "output.progress=off"]
@@ -40,13 +42,15 @@ def pretrained(area):
     organise the directions; the checkpoint is shared by every test here."""
     images = write_imagefolder(area / "pretrain_images", *ramps(512, 0))
     run = area / "pretrain"
+    threads = torch.get_num_threads()
     assert main(["pretrain", "model.name=mae_vit_tiny_patch16", "model.img_size=32", "model.patch_size=8",
                  "model.decoder_embed_dim=64", "model.decoder_depth=1", "model.decoder_num_heads=2",
                  "data.source=imagefolder", f"data.root={images}", "data.batch_size=32", "data.num_workers=0",
                  "optim.lr=3e-4", "optim.min_lr=2e-4", "schedule.max_steps=300", "schedule.warmup_steps=10",
-                 "engine.precision=fp32", "logging.log_every=100", "logging.image_every=0",
+                 "engine.precision=fp32", "engine.threads=1", "logging.log_every=100", "logging.image_every=0",
                  "logging.progress=off", "logging.tensorboard=false", "engine.memory_report_steps=0",
                  "output.checkpoint_every=300", f"output.dir={run}"]) == 0
+    torch.set_num_threads(threads)  # engine.threads is process-wide
     return run / "checkpoints" / "step_00000300"
 
 
@@ -95,7 +99,7 @@ def test_protocols_beat_chance_and_random_init_on_cifar_format_data(area, cifar,
     assert (runs / "results.csv").is_file()
 
 
-def test_commands_on_synthetic_images(area, pretrained):
+def test_commands_on_synthetic_images(area, pretrained, monkeypatch):
     runs = area / "synthetic"
     data = ["data.dataset=synthetic", "data.synthetic_images=96", "data.synthetic_val_images=48", *QUIET]
     # fine-tune on a 25 % per-class draw, with EMA; then continue the run; then evaluate it as a classifier
@@ -103,17 +107,34 @@ def test_commands_on_synthetic_images(area, pretrained):
     base = ["finetune", f"checkpoint={pretrained}", *data, "data.batch_size=8", "data.subset=0.25",
             "ema.enabled=true", "ema.decay=0.9", "eval.robustness=false", "output.log_every=1",
             f"output.dir={ft}"]
-    assert main([*base, "schedule.max_steps=3"]) == 0
+    # a preemption signal after step 1 (mid-epoch: 2 steps per epoch) checkpoints and stops the run
+    log = RunLogger.log
+
+    def log_then_signal(self, step, metrics):
+        log(self, step, metrics)
+        if step == 1 and "loss" in metrics:
+            os.kill(os.getpid(), signal.SIGUSR2)
+
+    monkeypatch.setattr(RunLogger, "log", log_then_signal)
+    assert main([*base, "schedule.max_steps=4"]) == 0
+    monkeypatch.undo()
+    assert [p.name for p in (ft / "checkpoints").iterdir()] == ["step_00000001"]
+    assert not (ft / "results").exists()
     train = build_dataset("synthetic", synthetic_root(DataConfig("synthetic", synthetic_images=96,
                                                                  synthetic_val_images=48)), "train")
     want = sum(max(1, round(0.25 * n)) for n in np.bincount(train.labels))
     subset = (ft / "subset.txt").read_text().splitlines()
     assert len(subset) == 1 + want and subset[0].startswith("# synthetic train: 0.25 per class, seed 0")
-    first = _result(ft, "synthetic@25%_finetune")
-    assert first["subset_size"] == want and _result(ft, "synthetic@25%_finetune+ema")["value"] >= 0
-    assert main([*base, "schedule.max_steps=4", "resume=auto"]) == 0  # 2 steps per epoch: resumes mid-epoch
+    assert main([*base, "schedule.max_steps=4", "resume=auto"]) == 0  # continues inside the epoch
     steps = [r["step"] for r in read_metrics(ft / "metrics.jsonl") if "loss" in r]
     assert steps == [1, 2, 3, 4]
+    straight = runs / "ft_straight"  # the same run, never stopped: the same weights
+    assert main([*base[:-1], f"output.dir={straight}", "schedule.max_steps=4"]) == 0
+    a, b = (torch.load(r / "checkpoints" / "step_00000004" / "state.pt", weights_only=True) for r in (ft, straight))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    first = _result(ft, "synthetic@25%_finetune")
+    assert first["subset_size"] == want and _result(ft, "synthetic@25%_finetune+ema")["value"] >= 0
     ckpt = ft / "checkpoints" / "step_00000004"
     state = torch.load(ckpt / "state.pt", weights_only=True)
     assert state["classifier"]["num_classes"] == 6 and "head.weight" in state["model"] and state["ema"]
@@ -132,6 +153,7 @@ def test_commands_on_synthetic_images(area, pretrained):
 
     # linear probe through the frozen encoder with MAE's augmentation (no cached features), mean pool
     assert main(["linprobe", f"checkpoint={pretrained}", *data, "data.batch_size=16", "model.pool=mean",
+                 "engine.precision=bf16",
                  "schedule.max_steps=3", f"output.dir={runs / 'lp'}"]) == 0
     lp = runs / "lp"
     assert _result(lp, "synthetic_linprobe")["features"] == "augmented"
@@ -139,7 +161,7 @@ def test_commands_on_synthetic_images(area, pretrained):
     assert sorted(head_only) == ["head.0.num_batches_tracked", "head.0.running_mean", "head.0.running_var",
                                  "head.1.bias", "head.1.weight"]  # the frozen encoder is not copied
 
-    assert main(["knn", f"checkpoint={pretrained}", *data, "knn.k=5", "knn.chunk=7",
+    assert main(["knn", f"checkpoint={pretrained}", *data, "knn.k=5", "knn.chunk=7", "engine.precision=bf16",
                  f"output.dir={runs / 'knn'}"]) == 0
     knn = _result(runs / "knn", "synthetic_knn")
     assert knn["k"] == 5 and knn["metrics"]["n"] == 48 and 0 <= knn["value"] <= 100

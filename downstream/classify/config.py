@@ -178,7 +178,7 @@ class FinetuneConfig:
     checkpoint: str | None = _opt(None, "pretrained encoder: mimscale run/checkpoint, MAE .pth, timm state "
                                   "dict; with eval_only a fine-tuned classifier; null = random init")
     resume: str = _opt("none", "'none', 'auto' (newest checkpoint in output.dir) or a checkpoint folder")
-    eval_only: bool = _opt(False, "only evaluate a fine-tuned classifier (checkpoint=... or resume)")
+    eval_only: bool = _opt(False, "only evaluate the fine-tuned classifier given as checkpoint=...")
     model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -200,8 +200,9 @@ class FinetuneConfig:
                               f"{d.batch_size}); or set augment.mixup=0 augment.cutmix=0")
         if d.subset is not None and d.subset_file:
             raise ConfigError("data.subset and data.subset_file: give one (a fraction to draw, or a file)")
-        if self.eval_only and not (self.checkpoint or self.resume != "none"):
-            raise ConfigError("eval_only: needs checkpoint=<a fine-tuned classifier> or resume=...")
+        if self.eval_only and not self.checkpoint:
+            raise ConfigError("eval_only: needs checkpoint=<a fine-tuned classifier> (a mimscale finetune "
+                              "run or checkpoint, or an MAE fine-tuned .pth)")
         lo, hi = a.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ConfigError(f"augment.crop_scale: {list(a.crop_scale)} must satisfy 0 < min <= max <= 1")

@@ -3,8 +3,10 @@ the backend (DDP or one process; autocast, accumulation, clipping, skipped non-f
 cosine schedule, atomic checkpoints, the JSONL/TensorBoard logger, and the data plan's
 exactly-once sampler.
 
-A checkpoint records the position inside the epoch, so a run stopped by a preemption signal (or
-killed after one) continues with ``resume=auto`` at the same step with the same data order.
+A checkpoint records the step (the position inside the epoch follows) and the random state, so a
+run stopped by a preemption signal continues with ``resume=auto`` at the same step with the same
+data order; with ``data.num_workers=0`` it continues exactly as if never stopped (loader workers draw
+their augmentations from their own seeds).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from mimscale.pretrain.engine.checkpoint import CheckpointManager, read_state, r
 from mimscale.pretrain.engine.guard import NumericsGuard, poison_nonfinite
 from mimscale.pretrain.engine.logger import RunLogger
 from mimscale.pretrain.engine.preemption import PreemptionHandler
+from mimscale.pretrain.engine.rng import rng_state, set_rng_state
 from mimscale.pretrain.engine.schedule import cosine_lr, scaled_lr
 
 from .features import shard_indices
@@ -89,12 +92,6 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, 
     return {"top1": 100 * top1 / max(n, 1), "top5": 100 * top5 / max(n, 1), "n": int(n)}
 
 
-def _eval_forward(model: nn.Module):
-    def forward(x):
-        return model(x)
-    return forward
-
-
 class _Trainer:
     def __init__(self, job: Job, cfg, backend: Backend):
         self.job, self.cfg, self.backend, self.env = job, cfg, backend, backend.env
@@ -135,6 +132,7 @@ class _Trainer:
                      "optimizer": self.backend.optimizer.state_dict(),
                      "ema": self._filtered(self.ema.module.state_dict()) if self.ema is not None else None,
                      "step": self.step, "guard": self.guard.state_dict(), "history": self.history,
+                     "rng": rng_state(),  # every rank draws alike (seeded alike), so one copy serves all
                      "config": to_dict(self.cfg), "classifier": self.job.meta,
                      "layout": {"world_size": self.env.world_size, "batch_size": self.cfg.data.batch_size,
                                 "accum_steps": self.cfg.optim.accum_steps}}
@@ -155,6 +153,8 @@ class _Trainer:
         self.step = int(state["step"])
         self.guard.load_state_dict(state.get("guard", {}))
         self.history = list(state.get("history", []))
+        if "rng" in state:
+            set_rng_state(state["rng"])
         layout = state.get("layout", {})
         now = {"world_size": self.env.world_size, "batch_size": self.cfg.data.batch_size,
                "accum_steps": self.cfg.optim.accum_steps}
@@ -188,11 +188,11 @@ class _Trainer:
         module = self.backend.module
         was = module.training
         module.eval()
-        metrics = evaluate(_eval_forward(module), self.job.eval_set, self.backend, bs, workers)
+        metrics = evaluate(module, self.job.eval_set, self.backend, bs, workers)
         module.train(was)
         ema = None
         if self.ema is not None:
-            ema = evaluate(_eval_forward(self.ema.module.eval()), self.job.eval_set, self.backend, bs, workers)
+            ema = evaluate(self.ema.module.eval(), self.job.eval_set, self.backend, bs, workers)
         return metrics, ema
 
     def fit(self, logger: RunLogger, preemption: PreemptionHandler) -> FitResult:

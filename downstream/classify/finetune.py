@@ -69,14 +69,15 @@ def _classifier(run: Run, cfg: FinetuneConfig, num_classes: int, classes: list[s
     pool = w.meta.get("pool", m.pool) if with_head and w.kind == "classifier" else m.pool
     vit = build_vit(run.model, run.patch_size, run.img_size, num_classes, pool, m.drop_path)
     init_head(vit.head, m.head_init_std)
+    if cfg.eval_only and not with_head:
+        raise ValueError(f"eval_only: {w.label if w else 'no checkpoint'} holds no classifier head; give "
+                         "checkpoint=<a mimscale finetune run or checkpoint, or an MAE fine-tuned .pth>")
     if w is not None:
         if with_head and w.state["head.weight"].shape[0] != num_classes:
             raise ValueError(f"{w.label} classifies {w.state['head.weight'].shape[0]} classes, "
                              f"{cfg.data.dataset} has {num_classes}")
         fresh = load_weights(vit, w, with_head=with_head)
         run.say(f"finetune: {w.kind} weights from {w.label}; initialised fresh: {', '.join(fresh) or 'nothing'}")
-    elif cfg.eval_only:
-        raise ValueError("eval_only: give checkpoint=<a fine-tuned classifier>")
     meta = {"protocol": "finetune", "model": run.model, "patch_size": run.patch_size, "img_size": run.img_size,
             "pool": pool, "num_classes": num_classes, "classes": classes, "label": run.label,
             "recipe": run.pretrain_recipe, "dataset": cfg.data.dataset}
