@@ -65,7 +65,7 @@ def test_two_ranks_two_workers_exactly_once(tmp_path, monkeypatch):
     out = tmp_path / "result.pt"
     configs = {name: load_config(overrides).data for name, overrides in sources.items()}
     mp.spawn(_worker, args=(_free_port(), configs, out), nprocs=2, join=True)
-    result = torch.load(out)
+    result = torch.load(out, weights_only=True)
     for name, per_rank in result.items():
         (steps0, ids0), (steps1, ids1) = per_rank
         assert steps0 == steps1 == 5, name  # 26 padded to 30 = 2 ranks x 5 batches of 3
