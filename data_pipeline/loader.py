@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -156,6 +157,10 @@ def _collate(items, num_views: int, bad: list[str]) -> dict:
 
 def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)  # N workers x all cores of intra-op threads would oversubscribe
+    # A scheduler may signal every process of a job (SLURM's --signal): preemption is the train
+    # loop's business; a worker killed by SIGUSR1/2's default action would crash the run instead.
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class PretrainLoader:

@@ -23,7 +23,13 @@ def signal_number(name: str) -> signal.Signals:
 
 
 class PreemptionHandler:
-    """Records the first of ``signals`` that arrives; restores the previous handlers on close."""
+    """Records the first of ``signals`` that arrives; restores the previous handlers on close.
+
+    ``last_received`` (process-wide) keeps the signal after the handler is gone, so a launcher that
+    ran a command in this process can tell that it stopped early (``mimscale.slurm.job`` requeues).
+    """
+
+    last_received: str | None = None
 
     def __init__(self, signals: list[str]):
         self.received: str | None = None
@@ -38,6 +44,7 @@ class PreemptionHandler:
     def _handle(self, signum, frame) -> None:
         if self.received is None:
             self.received = signal.Signals(signum).name
+            PreemptionHandler.last_received = self.received
 
     @property
     def requested(self) -> bool:
