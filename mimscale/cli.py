@@ -23,6 +23,9 @@ def _cmd_pretrain(args) -> int:
     from mimscale.pretrain.engine.trainer import Trainer
 
     cfg = load_config(args.overrides)
+    if args.print_config:
+        sys.stdout.write(to_yaml(cfg))
+        return 0
     summary = Trainer(cfg).fit()
     print(f"done: {summary.steps} steps in {summary.wall_time:.1f}s; checkpoint {summary.checkpoint}")
     return 0
@@ -51,6 +54,7 @@ COMMAND_MODULES: list[str] = [
     "mimscale.downstream.dense.cli",
     "mimscale.downstream.classify.cli",
     "mimscale.downstream.results",
+    "mimscale.slurm.cli",
 ]
 
 
@@ -71,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pretrain from a recipe plus key=value overrides",
                        description="Pretrain from a recipe (recipe=NAME or a YAML path) plus overrides. "
                                    "Runs single-process, or data-parallel under torchrun/srun.")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.set_defaults(func=_cmd_pretrain)
 
@@ -85,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
+
+
+def dispatch(argv: list[str]) -> int:
+    """Run one command and let its errors propagate (``main`` turns them into messages; a SLURM
+    job records them)."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,1 +1,2 @@
-"""SLURM launching through submitit; filled in by later work."""
+"""SLURM through submitit: `mimscale launch` (one command as a multi-node job that requeues itself
+on preemption), `mimscale sweep` (a sweep file as one job array) and `mimscale status`."""

@@ -17,9 +17,12 @@ Format (``standard.yaml`` is the full benchmark suite of one checkpoint)::
         grid: {data.subset: [0.01, 0.1]}     # one job per combination: semi_0.01, semi_0.1
         overrides: [data.dataset=imagenet, "data.root={data}/imagenet"]
 
-Every job gets ``checkpoint={checkpoint}`` and ``output.dir={out}/{job name}``; a grid key can be
-used as a placeholder (``{data.dataset}``). ``expand`` turns a file into the argument lists of
-``mimscale``; the SLURM sweep runner submits them as a job array, and
+Every job gets ``output.dir={out}/{job name}`` (``out`` defaults to ``runs/sweeps/<file name>``)
+and, when the file declares a ``checkpoint`` variable, ``checkpoint={checkpoint}``; a grid key can
+be used as a placeholder (``{data.dataset}``). A pretraining sweep is the same format, e.g.
+``command: pretrain`` with ``grid: {recipe: [mae, gpa], masking.ratio: [0.6, 0.75]}``.
+``expand`` turns a file into the argument lists of ``mimscale``; ``mimscale sweep`` submits them
+as one job array (``mimscale.slurm.sweep``), and
 ``python -m mimscale.downstream.sweeps FILE checkpoint=... | sh`` runs them one after another here.
 """
 
@@ -77,7 +80,7 @@ def _fill(text: str, values: dict, where: str) -> str:
 def expand(path: str | os.PathLike, variables: dict | None = None) -> list[SweepJob]:
     """The jobs of a sweep file (a path or a shipped sweep's name), placeholders filled."""
     data = _read(path)
-    values = dict(data.get("vars") or {})
+    values = {"out": f"runs/sweeps/{Path(str(path)).stem}", **(data.get("vars") or {})}
     unknown = set(variables or {}) - set(values)
     if unknown:
         raise ValueError(f"sweep {path}: unknown variable(s) {sorted(unknown)}; valid: {', '.join(values)}")
@@ -99,7 +102,8 @@ def expand(path: str | os.PathLike, variables: dict | None = None) -> list[Sweep
             local = {**values, **point, "name": name}
             overrides = [*common, *(str(o) for o in job.get("overrides") or []),
                          *(f"{k}={v}" for k, v in point.items()),
-                         "checkpoint={checkpoint}", "output.dir={out}/{name}"]
+                         *(["checkpoint={checkpoint}"] if "checkpoint" in values else []),
+                         "output.dir={out}/{name}"]
             argv = [*str(job["command"]).split(), *(_fill(o, local, where) for o in overrides)]
             jobs.append(SweepJob(name, argv))
     return jobs

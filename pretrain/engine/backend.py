@@ -38,7 +38,12 @@ class DistEnv:
 
 
 def init_distributed(device_type: str) -> DistEnv:
-    """Join the process group described by the environment (torchrun / srun set it), if any."""
+    """Join the process group described by the environment, if any: torchrun's variables (also
+    what a submitit job exports), else a plain ``srun`` task's SLURM variables."""
+    if "WORLD_SIZE" not in os.environ:
+        from mimscale.slurm.env import torch_env_from_slurm
+
+        os.environ.update(torch_env_from_slurm(os.environ))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistEnv()
