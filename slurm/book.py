@@ -57,7 +57,15 @@ class RunBook:
         return seen
 
     def requeues(self) -> int:
-        return sum(e["event"] == "requeued" for e in self.events())
+        """Times a job went back to the queue: submitit's requeues (recorded) and the scheduler's
+        own (SLURM's PreemptMode=REQUEUE restarts the same job id without asking the job)."""
+        events = self.events()
+        total = 0
+        for job in self.job_ids():
+            recorded = sum(e["event"] == "requeued" and e.get("job_id") == job for e in events)
+            restarts = sum(e["event"] == "started" and e.get("job_id") == job for e in events) - 1
+            total += max(recorded, restarts)
+        return total
 
     def attempts(self, job_id: str) -> int:
         return sum(e["event"] == "started" and e.get("job_id") == job_id for e in self.events())

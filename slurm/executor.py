@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,6 +149,9 @@ def executor_parameters(options: SchedulerOptions, name: str) -> dict:
 def build_executor(folder: Path, options: SchedulerOptions, name: str):
     import submitit
 
+    if options.cluster == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):
+        raise ConfigError("--cluster slurm needs SLURM's sbatch and srun on PATH (run it on a login "
+                          "node); --cluster local runs the same job path on this machine")
     executor = submitit.AutoExecutor(folder=folder, cluster=options.cluster,
                                      slurm_max_num_timeout=options.max_timeouts,
                                      local_max_num_timeout=options.max_timeouts)

@@ -24,7 +24,7 @@ RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING"}
 @dataclass
 class RunState:
     name: str
-    state: str          # queued | running | done | failed | stopped | unknown
+    state: str          # new | queued | running | done | failed | stopped
     requeues: int
     job_ids: list[str]
     detail: str = ""    # the error line of a failed run, the signal of a stopped one
@@ -84,7 +84,7 @@ def run_state(run_dir: str | Path, name: str | None = None) -> RunState:
     events = book.events()
     name = name or Path(run_dir).name
     if not events:
-        return RunState(name, "unknown", 0, [], f"no {RunBook.FILE}: not submitted yet")
+        return RunState(name, "new", 0, [], "not submitted yet")
     last, jobs, requeues = events[-1], book.job_ids(), book.requeues()
     if last["event"] == "done":
         return RunState(name, "done", requeues, jobs)

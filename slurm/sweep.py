@@ -40,6 +40,7 @@ def submit_sweep(file: str, variables: dict[str, str], options: SchedulerOptions
                  dry_run: bool = False) -> list[str]:
     """Submit the elements that still need to run as one array; returns their job ids."""
     sweep_dir, elements = plan_sweep(file, variables)
+    name = options.name or f"mimscale-sweep-{sweep_dir.name}"
     todo, lines = [], []
     for name, run in elements:
         state = run_state(run.run_dir, name)
@@ -51,12 +52,12 @@ def submit_sweep(file: str, variables: dict[str, str], options: SchedulerOptions
     print("\n".join(lines))
     if dry_run or not todo:
         if dry_run and todo:
-            executor = build_executor(sweep_dir / "submitit", options, options.name or "mimscale-sweep")
+            executor = build_executor(sweep_dir / "submitit", options, name)
             print(sbatch_script(executor, array_size=len(todo)), end="")
             print(f"# {python_on_path_note()}")
         return []
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    executor = build_executor(sweep_dir / "submitit", options, options.name or f"mimscale-sweep-{sweep_dir.name}")
+    executor = build_executor(sweep_dir / "submitit", options, name)
     with executor.batch():
         jobs = [executor.submit(CommandJob(run.argv, run.run_dir)) for _, run in todo]
     for (_, run), job in zip(todo, jobs):

@@ -169,6 +169,18 @@ def test_sweep_submits_one_array_and_resubmission_skips_done_and_active(fake_slu
     assert RunBook(out / names[0]).job_ids() == ["1000_0"] and RunBook(out / names[1]).job_ids() == ["1000_1"]
 
 
+def test_sweep_files_keep_literal_braces_and_need_no_checkpoint(tmp_path):
+    from mimscale.downstream.sweeps import expand
+
+    file = tmp_path / "wds.yaml"
+    file.write_text("vars: {data: /d}\ncommon: ['data.urls={data}/train-{{000000..000009}}.tar']\n"
+                    "jobs: [{name: a, command: pretrain, grid: {recipe: [mae, gpa]}}]\n")
+    jobs = expand(file)
+    assert [j.name for j in jobs] == ["a_mae", "a_gpa"]
+    assert jobs[0].argv == ["pretrain", "data.urls=/d/train-{000000..000009}.tar", "recipe=mae",
+                            "output.dir=runs/sweeps/wds/a_mae"]
+
+
 def test_status_follows_the_scheduler_and_the_job_history(fake_slurm, tmp_path):
     run = tmp_path / "run"
     book = RunBook(run)
@@ -187,9 +199,11 @@ def test_status_follows_the_scheduler_and_the_job_history(fake_slurm, tmp_path):
     _sacct(fake_slurm, **{"77": "OUT_OF_MEMORY"})
     state = run_state(run)
     assert state.state == "failed" and "OUT_OF_MEMORY" in state.detail and "oom_kill" in state.detail
-    book.record("started", job_id="77", attempt=3)
-    book.record("done", job_id="77")
-    assert run_state(run).state == "done" and run_state(run).requeues == 1
+    book.record("submitted", job_id="78", cluster="slurm")  # submitted again: a new job id
+    book.record("started", job_id="78", attempt=1)
+    book.record("done", job_id="78")
+    state = run_state(run)
+    assert (state.state, state.requeues, state.job_ids) == ("done", 1, ["77", "78"])
 
 
 def test_status_of_a_folder_that_was_never_launched(tmp_path, capsys):

@@ -76,13 +76,13 @@ def test_preempted_job_checkpoints_requeues_and_matches_an_uninterrupted_run(tmp
                      f"output.dir={run}", "--cluster", "local", "--tasks-per-node", "2"]) == 0
         if run == preempted:  # the second job starts while the first runs
             job = RunBook(run).job_ids()[0]
-            _wait(lambda: _logged_steps(run) >= 5, "the first steps")
+            _wait(lambda run=run: _logged_steps(run) >= 5, "the first steps")
             tasks = _tasks(job)
             assert len(tasks) == 2
             for pid in tasks:
                 os.kill(pid, signal.SIGUSR2)
     for run in (preempted, reference):
-        _wait(lambda: _ended(run), f"{run.name} to finish")
+        _wait(lambda run=run: _ended(run), f"{run.name} to finish")
 
     state = run_state(preempted)
     assert (state.state, state.requeues) == ("done", 1), state
@@ -130,7 +130,7 @@ def test_sweep_element_killed_then_resubmitted_alone(tmp_path, monkeypatch, caps
     for pid in _tasks(job):  # no chance to record anything: as a node failure or kill -9 would
         os.kill(pid, signal.SIGKILL)
     for name in names:
-        _wait(lambda: _ended(out / name), f"{name} to end")
+        _wait(lambda name=name: _ended(out / name), f"{name} to end")
     capsys.readouterr()
     assert main(["status", str(out)]) == 1
     table = capsys.readouterr().out

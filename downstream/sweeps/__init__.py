@@ -1,5 +1,6 @@
 """Benchmark sweep files: one base command per job plus its ``key=value`` overrides, optionally a
-grid of values; ``{name}`` placeholders are filled from the file's ``vars`` and the command line.
+grid of values; ``{name}`` placeholders are filled from the file's ``vars`` and the command line
+(``{{`` and ``}}`` stay literal braces).
 
 Format (``standard.yaml`` is the full benchmark suite of one checkpoint)::
 
@@ -74,7 +75,9 @@ def _fill(text: str, values: dict, where: str) -> str:
         if values[key] is None:
             raise ValueError(f"{where}: {{{key}}} has no value; give {key}=... when expanding the sweep")
         return str(values[key])
-    return _PLACEHOLDER.sub(sub, text)
+    # ``{{`` and ``}}`` are literal braces (a shard pattern such as ``train-{{000000..001281}}.tar``)
+    parts = re.split(r"(\{\{|\}\})", text)
+    return "".join(p[0] if p in ("{{", "}}") else _PLACEHOLDER.sub(sub, p) for p in parts)
 
 
 def expand(path: str | os.PathLike, variables: dict | None = None) -> list[SweepJob]:
