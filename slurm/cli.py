@@ -41,8 +41,11 @@ def _cmd_sweep(args) -> int:
 
 
 def _cmd_status(args) -> int:
-    from .status import folder_states, format_states
+    from .status import cancel, folder_states, format_states
 
+    if args.cancel:
+        jobs = cancel(args.folder)
+        print(f"cancelled {len(jobs)} job(s){': ' + ', '.join(jobs) if jobs else ''}")
     states = folder_states(args.folder)
     print(format_states(states))
     return 1 if any(s.state == "failed" for s in states) else 0
@@ -79,4 +82,5 @@ def register(sub) -> None:
                        description="queued / running / done / stopped / failed (with the last error "
                                    "line), how many times each was requeued, and its job ids.")
     p.add_argument("folder", help="a run folder (mimscale launch) or a sweep folder (mimscale sweep)")
+    p.add_argument("--cancel", action="store_true", help="cancel the queued and running jobs first (scancel)")
     p.set_defaults(func=_cmd_status)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,17 +105,37 @@ def run_state(run_dir: str | Path, name: str | None = None) -> RunState:
     return RunState(name, "failed", requeues, jobs, f"{reason}{': ' + error if error else ''}")
 
 
+def cancel(folder: str | Path) -> list[str]:
+    """Cancel the queued or running job of every element (``scancel``; a local job's controller is
+    interrupted, which stops its tasks). Returns the cancelled job ids."""
+    cancelled = []
+    for state, run_dir in _states_and_dirs(Path(folder)):
+        if not state.active:
+            continue
+        job = state.job_ids[-1]
+        cluster = (RunBook(run_dir).last("submitted") or {}).get("cluster", "slurm")
+        if cluster == "local":
+            os.kill(int(job), signal.SIGINT)
+        else:
+            subprocess.run(["scancel", job], check=True, timeout=60)
+        cancelled.append(job)
+    return cancelled
+
+
 def sweep_elements(sweep_dir: Path) -> list[tuple[str, Path]]:
     record = json.loads((sweep_dir / "sweep.json").read_text())
     return [(e["name"], Path(e["run_dir"])) for e in record["elements"]]
 
 
 def folder_states(folder: str | Path) -> list[RunState]:
-    folder = Path(folder)
+    return [state for state, _ in _states_and_dirs(Path(folder))]
+
+
+def _states_and_dirs(folder: Path) -> list[tuple[RunState, Path]]:
     if (folder / "sweep.json").is_file():
-        return [run_state(d, n) for n, d in sweep_elements(folder)]
+        return [(run_state(d, n), d) for n, d in sweep_elements(folder)]
     if (folder / RunBook.FILE).is_file():
-        return [run_state(folder)]
+        return [(run_state(folder), folder)]
     raise FileNotFoundError(f"{folder} is neither a launched run (no {RunBook.FILE}) nor a sweep "
                             "(no sweep.json): give the folder mimscale launch / sweep printed")
 

@@ -168,6 +168,13 @@ def test_sweep_submits_one_array_and_resubmission_skips_done_and_active(fake_slu
     assert RunBook(out / names[2]).job_ids() == ["1000_2", "1001"]
     assert RunBook(out / names[0]).job_ids() == ["1000_0"] and RunBook(out / names[1]).job_ids() == ["1000_1"]
 
+    # --cancel: scancel for the active elements only (1000_1 running, 1001 pending)
+    _sacct(fake_slurm, **{"1000_1": "RUNNING", "1001": "PENDING"})
+    capsys.readouterr()
+    main(["status", str(out), "--cancel"])
+    assert (fake_slurm / "scancel.txt").read_text().split() == ["1000_1", "1001"]
+    assert "cancelled 2 job(s)" in capsys.readouterr().out
+
 
 def test_sweep_files_keep_literal_braces_and_need_no_checkpoint(tmp_path):
     from mimscale.downstream.sweeps import expand
