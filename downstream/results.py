@@ -4,7 +4,10 @@ Every downstream run writes ``<run>/results/<benchmark>.json``::
 
     {"mimscale_result": 1, "benchmark": "imagenet/finetune", "metric": "top1", "value": 83.4,
      "checkpoint": "vitb_gpa@200000", "recipe": "gpa", "epochs": 100, "config_hash": "3f2a...",
-     "metrics": {"top1": 83.4, "top5": 96.5, "n": 50000}, ...}
+     "metrics": {"top1": 83.4, "top5": 96.5, "n": 50000}, "mask_ratio": 0.75, ...}
+
+``mask_ratio`` (the checkpoint's pretraining masking ratio) is present only when the checkpoint
+records one; records written before it existed read the same.
 
 ``mimscale results FOLDER`` finds every such file below FOLDER and writes one table — rows are
 checkpoints (or pretraining recipes), columns benchmarks — as Markdown (printed, and
@@ -29,12 +32,15 @@ RESULTS_DIR = "results"
 
 def write_result(run_dir: str | os.PathLike, benchmark: str, metric: str, value: float, *,
                  checkpoint: str, recipe: str | None, epochs: float | None, config_hash: str,
-                 metrics: dict | None = None, **extra) -> Path:
-    """Write one result atomically; the file name is the benchmark's."""
+                 metrics: dict | None = None, mask_ratio: float | None = None, **extra) -> Path:
+    """Write one result atomically; the file name is the benchmark's. ``mask_ratio`` is recorded
+    only when known."""
     record = {"mimscale_result": SCHEMA, "benchmark": benchmark, "metric": metric, "value": float(value),
               "checkpoint": checkpoint, "recipe": recipe, "epochs": epochs, "config_hash": config_hash,
-              "metrics": metrics or {metric: float(value)},
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "run_dir": os.fspath(run_dir), **extra}
+              "metrics": metrics or {metric: float(value)}}
+    if mask_ratio is not None:
+        record["mask_ratio"] = float(mask_ratio)
+    record.update(time=time.strftime("%Y-%m-%dT%H:%M:%S"), run_dir=os.fspath(run_dir), **extra)
     folder = Path(run_dir) / RESULTS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{re.sub(r'[^A-Za-z0-9_.%@+-]+', '_', benchmark)}.json"

@@ -36,6 +36,32 @@ def test_finetune_defaults_follow_mae_per_size(tiny_pth):
     assert (lp.optim.weight_decay, lp.model.pool) == (0.0, "cls")
 
 
+def test_regularisers_are_timms_and_follow_the_config(tiny_pth):
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    from mimscale.downstream.classify.finetune import _criterion, _mixup
+    from mimscale.downstream.classify.model import build_vit
+
+    base = [f"checkpoint={tiny_pth}", "data.dataset=synthetic"]
+    a = load_classify_config(FinetuneConfig, base).augment
+    mix = _mixup(a, 10)
+    assert isinstance(mix, Mixup) and isinstance(_criterion(a, True), SoftTargetCrossEntropy)
+    assert (mix.mixup_alpha, mix.cutmix_alpha, mix.mix_prob, mix.switch_prob, mix.label_smoothing) == (0.8, 1.0, 1.0, 0.5, 0.1)
+    _, soft = mix(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))
+    torch.testing.assert_close(soft.sum(1), torch.ones(4))  # smoothed, mixed targets
+    assert soft.min() >= 0.1 / 10 - 1e-6
+    a = load_classify_config(FinetuneConfig, [*base, "augment.mixup=0", "augment.cutmix=0"]).augment
+    smooth = _criterion(a, False)
+    assert _mixup(a, 10) is None and isinstance(smooth, LabelSmoothingCrossEntropy) and smooth.smoothing == 0.1
+    a = load_classify_config(FinetuneConfig, [*base, "augment.mixup=0", "augment.cutmix=0", "augment.smoothing=0"]).augment
+    assert type(_criterion(a, False)) is torch.nn.CrossEntropyLoss
+    # drop path: stochastic depth rising linearly to model.drop_path in the last block [C]
+    vit = build_vit("mae_vit_tiny_patch16", 8, 32, 10, "mean", drop_path=0.2)
+    rates = [getattr(blk.drop_path1, "drop_prob", 0.0) for blk in vit.blocks]  # block 0: Identity
+    assert rates[0] == 0 and rates[-1] == pytest.approx(0.2) and rates == sorted(rates)
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["model.name=mae_vit_base_patch16"], "data.root: required for data.dataset=imagenet"),
     (["data.dataset=synthetic"], "model.name=auto reads the encoder size from the checkpoint"),
@@ -50,6 +76,7 @@ def test_finetune_defaults_follow_mae_per_size(tiny_pth):
     (["model.name=mae_vit_base_patch16", "data.dataset=synthetic", "data.subset=0.1", "data.subset_file=x"],
      "give one"),
     (["model.name=mae_vit_base_patch16", "data.dataset=mnist"], "valid: imagenet, imagefolder, inat2018"),
+    (["model.name=mae_vit_base_patch16", "data.dataset=synthetic", "engine.backend=fsdp"], "valid: ddp"),
 ])
 def test_bad_options_are_named(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -94,20 +94,22 @@ def test_flowers102_mat(tmp_path):
 
 
 def test_cub200_text_files(tmp_path):
+    root = tmp_path / "CUB_200_2011"  # as the archive unpacks
     rows = [(1, "001.Albatross/a1.jpg", 1, 1), (2, "001.Albatross/a2.jpg", 1, 0),
             (3, "002.Auklet/b1.jpg", 2, 1), (4, "002.Auklet/b2.jpg", 2, 0)]
     for _, rel, _, _ in rows:
-        _img(tmp_path / "images" / rel)
-    (tmp_path / "images.txt").write_text("".join(f"{i} {rel}\n" for i, rel, _, _ in rows))
-    (tmp_path / "image_class_labels.txt").write_text("".join(f"{i} {c}\n" for i, _, c, _ in rows))
-    (tmp_path / "train_test_split.txt").write_text("".join(f"{i} {t}\n" for i, _, _, t in rows))
-    (tmp_path / "classes.txt").write_text("1 001.Albatross\n2 002.Auklet\n")
-    train, test = build_dataset("cub200", tmp_path, "train"), build_dataset("cub200", tmp_path, "test")
+        _img(root / "images" / rel)
+    (root / "images.txt").write_text("".join(f"{i} {rel}\n" for i, rel, _, _ in rows))
+    (root / "image_class_labels.txt").write_text("".join(f"{i} {c}\n" for i, _, c, _ in rows))
+    (root / "train_test_split.txt").write_text("".join(f"{i} {t}\n" for i, _, _, t in rows))
+    (root / "classes.txt").write_text("1 001.Albatross\n2 002.Auklet\n")
+    train, test = build_dataset("cub200", root, "train"), build_dataset("cub200", root, "test")
     assert train.keys == ["images/001.Albatross/a1.jpg", "images/002.Auklet/b1.jpg"] and train.labels == [0, 1]
     assert test.labels == [0, 1] and test.classes == ["001.Albatross", "002.Auklet"]
-    (tmp_path / "image_class_labels.txt").write_text("1 1 extra\n")
+    assert build_dataset("cub200", tmp_path, "train").keys == train.keys  # the archive's parent works too
+    (root / "image_class_labels.txt").write_text("1 1 extra\n")
     with pytest.raises(DatasetLayoutError, match="image_class_labels.txt line 1 has 3 fields"):
-        build_dataset("cub200", tmp_path, "train")
+        build_dataset("cub200", root, "train")
 
 
 def test_stanford_dogs_mat(tmp_path):
@@ -165,23 +167,31 @@ def test_dtd_folds(tmp_path):
     assert build_dataset("dtd", tmp_path, "test").labels == [1, 1]
     with pytest.raises(DatasetLayoutError, match="labels/test3.txt' is missing"):
         build_dataset("dtd", tmp_path, "test", fold=3)
+    parent = tmp_path.parent / f"{tmp_path.name}_parent"  # the archive unpacks into dtd/
+    parent.mkdir()
+    os.symlink(tmp_path, parent / "dtd")
+    assert build_dataset("dtd", parent, "test").keys == build_dataset("dtd", tmp_path, "test").keys
 
 
 def test_tinyimagenet(tmp_path):
-    (tmp_path / "wnids.txt").write_text("n02\nn01\n")
+    root = tmp_path / "tiny-imagenet-200"  # as the archive unpacks; the parent is given below
+    (root / "val" / "images").mkdir(parents=True)
+    (root / "wnids.txt").write_text("n02\nn01\n")
     for w in ("n01", "n02"):
         for i in range(2):
-            _img(tmp_path / "train" / w / "images" / f"{w}_{i}.JPEG")
+            _img(root / "train" / w / "images" / f"{w}_{i}.JPEG")
     for i in range(3):
-        _img(tmp_path / "val" / "images" / f"val_{i}.JPEG")
-    (tmp_path / "val" / "val_annotations.txt").write_text(
+        _img(root / "val" / "images" / f"val_{i}.JPEG")
+    (root / "val" / "val_annotations.txt").write_text(
         "val_0.JPEG\tn02\t0\t0\t5\t5\nval_1.JPEG\tn01\t1\t1\t4\t4\nval_2.JPEG\tn02\t0\t0\t3\t3\n")
     train, val = build_dataset("tinyimagenet", tmp_path, "train"), build_dataset("tinyimagenet", tmp_path, "val")
     assert train.classes == ["n01", "n02"] and train.labels == [0, 0, 1, 1]
     assert val.labels == [1, 0, 1] and val.keys[0] == "val/images/val_0.JPEG"
-    (tmp_path / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn99\t0\t0\t5\t5\n")
+    (root / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn99\t0\t0\t5\t5\n")
     with pytest.raises(DatasetLayoutError, match="line 1 does not name a file and a wnid"):
-        build_dataset("tinyimagenet", tmp_path, "val")
+        build_dataset("tinyimagenet", root, "val")
+    with pytest.raises(DatasetLayoutError, match=r"'wnids.txt' is missing[\s\S]*val_annotations.txt"):
+        build_dataset("tinyimagenet", root / "train", "val")
 
 
 def test_unknown_dataset():

@@ -61,3 +61,17 @@ def test_results_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["results", str(tmp_path / "empty")]) == 2
     assert "no result JSONs" in capsys.readouterr().err
+
+
+def test_mask_ratio_recorded_when_known_and_older_records_still_read(tmp_path):
+    known = json.loads(_write(tmp_path / "a", "cifar10/knn", 40.0, "x@1", mask_ratio=0.75).read_text())
+    unknown = json.loads(_write(tmp_path / "b", "cifar10/knn", 41.0, "y@1").read_text())
+    assert known["mask_ratio"] == 0.75 and "mask_ratio" not in unknown
+    # a record written before the field existed
+    old = {"mimscale_result": 1, "benchmark": "imagenet/finetune", "metric": "top1", "value": 83.0,
+           "checkpoint": "old@1", "recipe": "mae", "epochs": 100, "config_hash": "0" * 12,
+           "metrics": {"top1": 83.0, "top5": 96.0, "n": 50000}, "time": "2024-01-01T00:00:00"}
+    (tmp_path / "c" / "results").mkdir(parents=True)
+    (tmp_path / "c" / "results" / "imagenet_finetune.json").write_text(json.dumps(old))
+    table = build_table(read_results(tmp_path))
+    assert table.value("old@1", "imagenet/finetune") == 83.0 and table.value("x@1", "cifar10/knn") == 40.0

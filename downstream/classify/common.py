@@ -35,6 +35,14 @@ class Run:
     def pretrain_recipe(self) -> str | None:
         return self.weights.recipe if self.weights is not None else None
 
+    @property
+    def mask_ratio(self) -> float | None:
+        return self.weights.mask_ratio if self.weights is not None else None
+
+    def provenance(self) -> dict:
+        """What a classifier checkpoint records about the pretrained encoder it started from."""
+        return {"label": self.label, "recipe": self.pretrain_recipe, "mask_ratio": self.mask_ratio}
+
     def say(self, *args) -> None:
         if self.env.is_main:
             print(*args, flush=True)
@@ -89,8 +97,8 @@ def report(run: Run, cfg, protocol: str, metrics: dict, epochs: float | None, va
         return None
     return write_result(run.run_dir, name, "top1", metrics["top1"], checkpoint=run.label,
                         recipe=run.pretrain_recipe, epochs=epochs, config_hash=config_hash(cfg),
-                        metrics=metrics, protocol=protocol, protocol_recipe=getattr(cfg, "recipe", None),
-                        dataset=cfg.data.dataset, variant=variant,
+                        metrics=metrics, mask_ratio=run.mask_ratio, protocol=protocol,
+                        protocol_recipe=getattr(cfg, "recipe", None), dataset=cfg.data.dataset, variant=variant,
                         checkpoint_path=str(cfg.checkpoint) if cfg.checkpoint else None, **extra)
 
 

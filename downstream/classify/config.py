@@ -132,7 +132,7 @@ class KNNConfig:
 
 @dataclass
 class EngineConfig:
-    backend: str = _opt("ddp", "data parallel (also single process) under torchrun/srun", choices=("ddp",))
+    backend: str = _opt("ddp", "ddp only: data parallel (also single process) under torchrun/srun")
     device: str = _opt("auto", "compute device", choices=("auto", "cpu", "cuda"))
     precision: str = _opt("bf16", "autocast dtype; weights, losses and features stay fp32",
                           choices=("bf16", "fp32"))
@@ -153,6 +153,10 @@ class OutputConfig:
 
 def _feature_checks(cfg) -> None:
     d = cfg.data
+    if cfg.engine.backend != "ddp":
+        raise ConfigError(f"engine.backend: {cfg.engine.backend!r} is not offered here; valid: ddp. The "
+                          "sharded pretraining backends are not needed: a ViT-H classifier and its AdamW "
+                          "state fit one GPU, and checkpoints pretrained with fsdp or deepspeed load as-is")
     if cfg.checkpoint and not Path(cfg.checkpoint).exists():
         raise ConfigError(f"checkpoint: {cfg.checkpoint} does not exist")
     if cfg.model.name == "auto" and not cfg.checkpoint:

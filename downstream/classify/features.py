@@ -7,6 +7,8 @@ assembled from pieces (which would hold it twice).
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -47,6 +49,16 @@ def extract(encoder: torch.nn.Module, dataset: Dataset, indices: list[int], batc
         dim = getattr(encoder, "num_features", 0)
         return torch.empty(0, dim, device=device), torch.empty(0, dtype=torch.long, device=device)
     return feats, labels
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    """A digest of every weight and buffer of ``module``: a feature cache is valid only for the
+    exact encoder that filled it, whatever the checkpoint's path or name says."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(module.state_dict().items()):
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
 
 
 def gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:

@@ -79,8 +79,8 @@ def _classifier(run: Run, cfg: FinetuneConfig, num_classes: int, classes: list[s
         fresh = load_weights(vit, w, with_head=with_head)
         run.say(f"finetune: {w.kind} weights from {w.label}; initialised fresh: {', '.join(fresh) or 'nothing'}")
     meta = {"protocol": "finetune", "model": run.model, "patch_size": run.patch_size, "img_size": run.img_size,
-            "pool": pool, "num_classes": num_classes, "classes": classes, "label": run.label,
-            "recipe": run.pretrain_recipe, "dataset": cfg.data.dataset}
+            "pool": pool, "num_classes": num_classes, "classes": classes, "dataset": cfg.data.dataset,
+            **run.provenance()}
     return vit, meta
 
 

@@ -9,6 +9,8 @@ same) and the head trains on the stored features: far faster, but not MAE's augm
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -18,7 +20,7 @@ from .common import Run, report, start
 from .config import LinprobeConfig
 from .data import eval_transform, linprobe_transform, load_splits
 from .engine import FitResult, Job, fit
-from .features import extract, gather_rows, shard_indices
+from .features import extract, fingerprint, gather_rows, shard_indices
 from .model import LinearProbe, build_vit, load_weights
 from .optim import LARS
 from .subsets import training_subset
@@ -33,12 +35,15 @@ def _lars(o):
     return make
 
 
-def _features(run: Run, cfg: LinprobeConfig, encoder, dataset, split: str) -> TensorDataset:
-    """All features of ``dataset`` on every rank; computed once and cached in the run folder."""
+def _features(run: Run, cfg: LinprobeConfig, encoder, digest: str, dataset, split: str) -> TensorDataset:
+    """All features of ``dataset`` on every rank; computed once and cached in the run folder. The
+    cache is keyed by the encoder's weights (``digest``), the samples and everything else that
+    changes a feature, so a stale one is never read."""
     folder = run.run_dir / "features"
-    key = {"checkpoint": str(cfg.checkpoint), "label": run.label, "model": run.model, "img": run.img_size,
-           "pool": cfg.model.pool, "dataset": cfg.data.dataset, "split": split, "fold": cfg.data.fold,
-           "crop_pct": cfg.data.crop_pct, "n": len(dataset), "keys": dataset.keys[:3] + dataset.keys[-3:]}
+    samples = hashlib.sha256(json.dumps([dataset.keys, dataset.labels]).encode()).hexdigest()
+    key = {"encoder": digest, "samples": samples, "pool": cfg.model.pool, "img": run.img_size,
+           "crop_pct": cfg.data.crop_pct, "precision": cfg.engine.precision, "dataset": cfg.data.dataset,
+           "split": split, "n": len(dataset)}
     path = Path(folder) / f"{split}.pt"
     if path.is_file():
         cached = torch.load(path, map_location="cpu", weights_only=True)
@@ -71,17 +76,19 @@ def run_linprobe(cfg: LinprobeConfig) -> FitResult:
     num_classes, dim = eval_set.num_classes, encoder.num_features
     eval_set.transform = eval_transform(run.img_size, d.crop_pct)
     if cfg.cache_features:
-        train.transform = eval_transform(run.img_size, d.crop_pct)
-        train_data = _features(run, cfg, encoder, train, "train")
-        eval_data = _features(run, cfg, encoder, eval_set, "eval")
+        # the head first: extraction draws from the global RNG, a cache hit does not
         model = LinearProbe(None, dim, num_classes)
+        train.transform = eval_transform(run.img_size, d.crop_pct)
+        digest = fingerprint(encoder)
+        train_data = _features(run, cfg, encoder, digest, train, "train")
+        eval_data = _features(run, cfg, encoder, digest, eval_set, "eval")
     else:
         train.transform = linprobe_transform(run.img_size, tuple(cfg.crop_scale), cfg.hflip)
         train_data, eval_data = train, eval_set
         model = LinearProbe(encoder, dim, num_classes)
     meta = {"protocol": "linprobe", "model": run.model, "patch_size": run.patch_size, "img_size": run.img_size,
             "pool": cfg.model.pool, "num_classes": num_classes, "classes": eval_set.classes,
-            "label": run.label, "recipe": run.pretrain_recipe, "dataset": d.dataset}
+            "dataset": d.dataset, **run.provenance()}
     job = Job("linprobe", model, train_data, eval_data, _lars(cfg.optim), torch.nn.CrossEntropyLoss(), meta,
               keep_key=lambda k: not k.startswith("encoder."))
     fitted = fit(job, cfg, run.backend)

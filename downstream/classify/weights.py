@@ -5,6 +5,8 @@ classifier written by ``mimscale finetune``); an official MAE file (``{'model': 
 with or without decoder, or fine-tuned with ``fc_norm`` and ``head``); anything else (a bare state
 dict, ``.safetensors``) is a timm state dict. The three share the encoder's key names, so only
 decoder keys are dropped; the architecture is what the checkpoint records, else read from shapes.
+The pretraining mask ratio is kept when the file records it (a mimscale config's ``masking.ratio``,
+an MAE file's ``args.mask_ratio``), so results can be analysed against it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class PretrainedWeights:
     patch_size: int | None = None
     recipe: str | None = None        # the pretraining recipe, when recorded
     meta: dict = field(default_factory=dict)  # classifiers: classes, pool, img_size, ...
+    mask_ratio: float | None = None  # the pretraining masking ratio, when recorded
 
     @property
     def has_head(self) -> bool:
@@ -74,10 +77,12 @@ def read_weights(path: str | os.PathLike) -> PretrainedWeights:
         if "classifier" in ckpt:  # written by mimscale finetune / linprobe
             meta = ckpt["classifier"]
             return PretrainedWeights(ckpt["model"], "classifier", meta.get("label") or default_label(path),
-                                     meta.get("model"), meta.get("patch_size"), meta.get("recipe"), meta)
+                                     meta.get("model"), meta.get("patch_size"), meta.get("recipe"), meta,
+                                     _ratio(meta.get("mask_ratio")))
         model = config.get("model") or {}
         return PretrainedWeights(_strip_decoder(ckpt["model"]), "mimscale", default_label(path),
-                                 model.get("name"), model.get("patch_size"), config.get("recipe"))
+                                 model.get("name"), model.get("patch_size"), config.get("recipe"),
+                                 mask_ratio=_ratio((config.get("masking") or {}).get("ratio")))
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -86,7 +91,14 @@ def read_weights(path: str | os.PathLike) -> PretrainedWeights:
     if not isinstance(raw, dict):
         raise ValueError(f"{path} holds a {type(raw).__name__}, not a state dict")
     kind = "mae" if isinstance(raw.get("model"), dict) else "timm"
-    return PretrainedWeights(_strip_decoder(read_state_dict(raw)), kind, path.stem)
+    args = raw.get("args")  # MAE pickles its argparse namespace
+    ratio = args.get("mask_ratio") if isinstance(args, dict) else getattr(args, "mask_ratio", None)
+    return PretrainedWeights(_strip_decoder(read_state_dict(raw)), kind, path.stem,
+                             mask_ratio=_ratio(ratio) if kind == "mae" else None)
+
+
+def _ratio(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 @functools.lru_cache(maxsize=2)

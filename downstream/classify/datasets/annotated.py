@@ -9,7 +9,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import DatasetLayoutError, LabeledImages, check_files, check_split, file_images, require
+from .base import (
+    DatasetLayoutError,
+    LabeledImages,
+    check_files,
+    check_split,
+    file_images,
+    require,
+    unpacked,
+)
 
 INAT_LAYOUT = """\
 <root>/
@@ -24,7 +32,7 @@ FLOWERS_LAYOUT = """\
   setid.mat                            trnid, valid, tstid: 1-based image numbers"""
 
 CUB_LAYOUT = """\
-<root>/                                (CUB_200_2011)
+<root>/                                (CUB_200_2011/, or its parent)
   images.txt                           <image id> <path under images/>
   image_class_labels.txt               <image id> <class id 1..200>
   train_test_split.txt                 <image id> <1 = train, 0 = test>
@@ -37,7 +45,7 @@ DOGS_LAYOUT = """\
   train_list.mat, test_list.mat        file_list (paths under Images/), labels (1..120)"""
 
 DTD_LAYOUT = """\
-<root>/                                (dtd)
+<root>/                                (dtd/, or its parent)
   images/<class>/<class>_<id>.jpg
   labels/train<k>.txt, val<k>.txt, test<k>.txt    k = 1..10; lines: <class>/<image>.jpg"""
 
@@ -117,7 +125,7 @@ def flowers102(root: str | os.PathLike, split: str) -> LabeledImages:
 
 
 def cub200(root: str | os.PathLike, split: str) -> LabeledImages:
-    root, name = Path(root), "cub200"
+    root, name = unpacked(root, "CUB_200_2011"), "cub200"
     check_split(name, split, ("train", "test"))
     files = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt")
     require(name, root, CUB_LAYOUT, *files, "images")
@@ -166,7 +174,7 @@ def stanford_dogs(root: str | os.PathLike, split: str) -> LabeledImages:
 
 
 def dtd(root: str | os.PathLike, split: str, fold: int = 1) -> LabeledImages:
-    root, name = Path(root), "dtd"
+    root, name = unpacked(root, "dtd"), "dtd"
     check_split(name, split, ("train", "val", "test", "trainval"))
     if not 1 <= fold <= 10:
         raise ValueError(f"dtd: fold {fold} is not one of the official splits 1..10")

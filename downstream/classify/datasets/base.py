@@ -79,6 +79,13 @@ def file_images(name: str, split: str, root: Path, classes: Sequence[str],
     return LabeledImages(name, split, classes, keys, [y for _, y in items], load)
 
 
+def unpacked(root: str | os.PathLike, top: str) -> Path:
+    """``root/top`` when the official archive was unpacked into ``root`` with its own top folder
+    (``CUB_200_2011/``, ``dtd/``, ...), else ``root`` itself."""
+    root = Path(root)
+    return root / top if (root / top).is_dir() else root
+
+
 def require(dataset: str, root: Path, layout: str, *paths: str) -> None:
     """Raise :class:`DatasetLayoutError` naming the first of ``paths`` (relative to ``root``)
     that is missing."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mimscale.data_pipeline.sources.imagefolder import ImageFolderSource
 
-from .base import DatasetLayoutError, LabeledImages, check_split, file_images, require
+from .base import DatasetLayoutError, LabeledImages, check_split, file_images, require, unpacked
 
 IMAGENET_LAYOUT = """\
 <root>/
@@ -16,7 +16,7 @@ IMAGENET_LAYOUT = """\
   val/<class>/<image>.JPEG       the validation images sorted into class folders (as MAE expects)"""
 
 TINYIMAGENET_LAYOUT = """\
-<root>/                          (tiny-imagenet-200)
+<root>/                          (tiny-imagenet-200/, or its parent)
   wnids.txt                      the 200 class ids
   train/<wnid>/images/<wnid>_<i>.JPEG
   val/images/val_<i>.JPEG
@@ -49,7 +49,7 @@ def imagenet(root: str | os.PathLike, split: str, name: str = "imagenet") -> Lab
 
 
 def tinyimagenet(root: str | os.PathLike, split: str) -> LabeledImages:
-    root = Path(root)
+    root = unpacked(root, "tiny-imagenet-200")
     name = "tinyimagenet"
     check_split(name, split, ("train", "val"))
     require(name, root, TINYIMAGENET_LAYOUT, "wnids.txt", split)
