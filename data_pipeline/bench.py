@@ -4,10 +4,13 @@ The same JPEGs are read as an ImageFolder by plain torchvision (``ImageFolder`` 
 MAE's RandomResizedCrop + flip + ToTensor + Normalize: the baseline), and by mimscale's
 ``imagefolder``, ``wds`` (tar shards holding the same bytes) and ``ffcv`` (a .beton, which ffcv
 re-encodes at quality 90) sources, plus ffcv's own loader on that .beton when ffcv is installed.
-Every row delivers normalised float32 ``[B, 3, S, S]`` batches with the same worker count. Rows are
+Every row delivers normalised float32 ``[B, 3, S, S]`` batches with the same worker count (mimscale's
+workers ship uint8 and its main process normalises: that work is inside the timing too). Rows are
 interleaved round by round, so machine noise hits all alike, and the medians are compared; each
 timing starts a fresh loader and drops its first batches (worker start-up, ffcv's compilation).
 The consumer only takes batches, so no prefetched backlog inflates a row.
+Besides images/s, each row's CPU time per image (the process's threads and its loader workers,
+from ``/proc``) is reported: on a shared machine it moves far less with the load than images/s.
 Without ``--root`` a synthetic JPEG set is generated once and cached.
 """
 
@@ -167,14 +170,34 @@ def _make(row, root, index, beton, args):
     return _ffcv_native(beton, args)
 
 
-def _images_per_s(batches, args) -> float:
-    t0 = time.perf_counter()
+def _cpu_seconds() -> float | None:
+    """CPU time of this process (all its threads) and of its live children (loader workers);
+    None without Linux's ``/proc``."""
+    total, me, tick = time.process_time(), str(os.getpid()), os.sysconf("SC_CLK_TCK")
+    try:
+        pids = [e.name for e in os.scandir("/proc") if e.name.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        try:  # fields after the command name: state, ppid, ..., utime (12th), stime (13th)
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if fields[1] == me:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def _measure(batches, args) -> tuple[float, float | None]:
+    """(images/s, CPU ms per image) over ``args.batches`` batches."""
+    cpu0, t0 = _cpu_seconds(), time.perf_counter()
     n = 0
     for _ in range(args.batches):
         x = next(batches)
         n += x.shape[0]
+    seconds, cpu1 = time.perf_counter() - t0, _cpu_seconds()
     assert x.dtype.is_floating_point and x.shape[1:] == (3, args.img_size, args.img_size)
-    return n / (time.perf_counter() - t0)
+    return n / seconds, (cpu1 - cpu0) * 1e3 / n if cpu0 is not None and cpu1 is not None else None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -185,30 +208,38 @@ def run(args: argparse.Namespace) -> int:
     root, index, beton = _prepare(args)
     if beton is None:
         rows = [r for r in rows if not r.startswith("ffcv")]
-    speeds = {r: [] for r in rows}
+    speeds, cpu = {r: [] for r in rows}, {r: [] for r in rows}
     for _ in range(args.rounds):
         for row in rows:  # a fresh loader, warmed up untimed (worker start-up, ffcv's compilation)
             batches = _make(row, root, index, beton, args)
             for _ in range(args.warmup):
                 next(batches)
-            speeds[row].append(_images_per_s(batches, args))
+            speed, ms = _measure(batches, args)
+            speeds[row].append(speed)
+            cpu[row].append(ms)
             batches.close()
     median = {r: statistics.median(v) for r, v in speeds.items()}
+    cpu_median = {r: statistics.median(v) if None not in v else None for r, v in cpu.items()}
     base = median.get("torchvision")
     print(f"mimscale bench data: {root}, {args.img_size}px RandomResizedCrop(0.2, 1) + flip, batch "
           f"{args.batch_size}, {args.workers} workers, {args.batches} timed batches x {args.rounds} rounds "
           "(median)")
-    print("| source | images/s | vs torchvision | runs |")
-    print("| --- | --- | --- | --- |")
+    print("| source | images/s | vs torchvision | CPU ms/image | runs (images/s) |")
+    print("| --- | --- | --- | --- | --- |")
     for r in rows:
         ratio = f"{median[r] / base:.2f}x" if base else "-"
-        print(f"| {r} | {median[r]:.0f} | {ratio} | {', '.join(f'{v:.0f}' for v in speeds[r])} |")
+        ms = f"{cpu_median[r]:.2f}" if cpu_median[r] is not None else "-"
+        print(f"| {r} | {median[r]:.0f} | {ratio} | {ms} | {', '.join(f'{v:.0f}' for v in speeds[r])} |")
     if base and "wds" in median:
         print(f"wds / torchvision = {median['wds'] / base:.2f} (target >= 1.3)")
         for r in ("ffcv", "ffcv-native"):
             if r in median:
-                print(f"wds / {r} = {median['wds'] / median[r]:.2f} (target >= 1)")
+                line = f"wds / {r} = {median['wds'] / median[r]:.2f} (target >= 1)"
+                if cpu_median[r] and cpu_median["wds"]:
+                    line += f"; CPU per image {r} / wds = {cpu_median[r] / cpu_median['wds']:.2f}"
+                print(line)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "func"},
-                                               "images_per_s": speeds, "median": median}, indent=1))
+                                               "images_per_s": speeds, "median": median,
+                                               "cpu_ms_per_image": cpu, "cpu_median": cpu_median}, indent=1))
     return 0

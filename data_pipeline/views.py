@@ -2,9 +2,12 @@
 
 Why not torchvision transforms here: the crop must be known *before* decoding, so a JPEG is decoded
 at the smallest DCT scale (1/2, 1/4, 1/8) that still covers every view's crop at full output
-resolution (``PIL.Image.draft``), and then cropped and resized in one resampling pass. That is the
-cheap part of FFCV's speed, without its file format. Every random draw comes from the ``random.Random``
-passed in, which the loader seeds per sample, so a view does not depend on which worker made it.
+resolution, and then cropped and resized in one resampling pass. That is the cheap part of FFCV's
+speed, without its file format. JPEGs are decoded by ``simplejpeg`` when it is installed
+(``mimscale[simplejpeg]``): the same libjpeg-turbo as PIL's, same pixels, but straight into a numpy
+array, which saves PIL's copy of every decoded image (a fifth of a decode); PIL decodes the rest and
+whatever simplejpeg refuses. Every random draw comes from the ``random.Random`` passed in, which the
+loader seeds per sample, so a view does not depend on which worker made it.
 
 A view's geometry is its crop box ``(x0, y0, x1, y1)`` in pixels of the original image and
 whether it was flipped, so a score map or a mask can be related back to the image.
@@ -25,6 +28,11 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms import functional as TF
 
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
+
+try:
+    import simplejpeg
+except ImportError:  # optional: PIL decodes everything
+    simplejpeg = None
 
 
 @dataclass(frozen=True)
@@ -113,11 +121,8 @@ def decode_views(data: bytes, specs, rng: random.Random, shape: tuple[int, int] 
     whole decoded pixels and the box reported is the one actually used. Centre crops keep
     torchvision's exact fractional box (PIL). Raises on undecodable or truncated data.
     """
-    if shape is not None:
-        im = Image.frombuffer("RGB", (shape[1], shape[0]), data, "raw", "RGB", 0, 1)
-    else:
-        im = Image.open(io.BytesIO(data))
-    width, height = im.size
+    image = _Encoded(data, shape)
+    width, height = image.size
     plans = []
     for spec in specs:
         if spec.crop == "center":
@@ -125,29 +130,28 @@ def decode_views(data: bytes, specs, rng: random.Random, shape: tuple[int, int] 
         else:
             box = sample_crop(width, height, spec.scale, spec.ratio, rng)
         plans.append((spec, box, rng.random() < spec.flip_p))
-    if fast and im.format == "JPEG":
+    scale = 1
+    if fast and image.is_jpeg:
         # The smallest decode in which every crop still spans at least ``size`` pixels.
         need_w = max(math.ceil(width * s.size / max(b[2], 1)) for s, b, _ in plans)
         need_h = max(math.ceil(height * s.size / max(b[3], 1)) for s, b, _ in plans)
-        im.draft("RGB", (need_w, need_h))
-    if im.mode != "RGB":
-        im = im.convert("RGB")
-    sx, sy = im.width / width, im.height / height
-    pixels = None
+        scale = dct_scale(width, height, need_w, need_h)
+    pixels = image.decode(scale)
+    dec_h, dec_w = pixels.shape[1:]
+    sx, sy = dec_w / width, dec_h / height
     out = Views([], [], [], (height, width))
     for spec, (x, y, w, h), flip in plans:
         if spec.crop == "center":
-            box = (x * sx, y * sy, min((x + w) * sx, im.width), min((y + h) * sy, im.height))
-            view = torch.from_numpy(np.array(im.resize((spec.size, spec.size), Image.BICUBIC, box=box)))
+            box = (x * sx, y * sy, min((x + w) * sx, dec_w), min((y + h) * sy, dec_h))
+            view = torch.from_numpy(np.array(image.pil().resize((spec.size, spec.size), Image.BICUBIC, box=box)))
             view = view.permute(2, 0, 1)
             used = (x, y, x + w, y + h)
         else:
-            if pixels is None:
-                pixels = _chw(im)
-            x0, y0 = min(round(x * sx), im.width - 1), min(round(y * sy), im.height - 1)
-            x1, y1 = max(min(round((x + w) * sx), im.width), x0 + 1), max(min(round((y + h) * sy), im.height), y0 + 1)
-            view = F.interpolate(pixels[None, :, y0:y1, x0:x1], size=(spec.size, spec.size),
-                                 mode="bicubic", antialias=True)[0]
+            x0, y0 = min(round(x * sx), dec_w - 1), min(round(y * sy), dec_h - 1)
+            x1, y1 = max(min(round((x + w) * sx), dec_w), x0 + 1), max(min(round((y + h) * sy), dec_h), y0 + 1)
+            # a compact channels-last crop takes torch's vectorised path (a strided one: a slower copy)
+            crop = pixels[None, :, y0:y1, x0:x1].contiguous(memory_format=torch.channels_last)
+            view = F.interpolate(crop, size=(spec.size, spec.size), mode="bicubic", antialias=True)[0]
             used = (x0 / sx, y0 / sy, x1 / sx, y1 / sy)
         if flip:
             view = view.flip(-1)
@@ -155,6 +159,63 @@ def decode_views(data: bytes, specs, rng: random.Random, shape: tuple[int, int] 
         out.boxes.append(tuple(float(v) for v in used))
         out.flips.append(flip)
     return out
+
+
+def dct_scale(width: int, height: int, need_w: int, need_h: int) -> int:
+    """The JPEG downscale (8, 4, 2 or 1) that keeps at least ``need_w x need_h`` pixels: PIL's
+    ``draft`` rule, so both decoders produce the same pixel grid."""
+    fits = min(width // max(need_w, 1), height // max(need_h, 1))
+    return next((s for s in (8, 4, 2) if fits >= s), 1)
+
+
+class _Encoded:
+    """An encoded image whose size is known before its pixels are decoded (at a DCT scale)."""
+
+    def __init__(self, data: bytes, shape: tuple[int, int] | None):
+        self.data, self._pil, self._pixels = data, None, None
+        header = _simplejpeg_header(data) if shape is None else None
+        if header is not None:
+            self.size, self.is_jpeg = header, True
+            return
+        if shape is not None:
+            self._pil = Image.frombuffer("RGB", (shape[1], shape[0]), data, "raw", "RGB", 0, 1)
+        else:
+            self._pil = Image.open(io.BytesIO(data))
+        self.size, self.is_jpeg = self._pil.size, self._pil.format == "JPEG"
+
+    def decode(self, scale: int) -> torch.Tensor:
+        """The pixels, downscaled by ``scale``, as a uint8 ``[3, H, W]`` view of channels-last memory."""
+        if self._pil is None:
+            width, height = self.size
+            try:
+                self._pixels = simplejpeg.decode_jpeg(self.data, "RGB", min_height=-(-height // scale),
+                                                      min_width=-(-width // scale))
+                return torch.from_numpy(self._pixels).permute(2, 0, 1)
+            except ValueError:  # damaged: PIL decodes what it can, or raises its usual error
+                self._pil = Image.open(io.BytesIO(self.data))
+        if scale > 1:
+            self._pil.draft("RGB", (self.size[0] // scale, self.size[1] // scale))
+        if self._pil.mode != "RGB":
+            self._pil = self._pil.convert("RGB")
+        return _chw(self._pil)
+
+    def pil(self) -> Image.Image:
+        """The decoded pixels (after ``decode``) as a PIL image, for PIL's resampling (centre crops)."""
+        if self._pil is None:
+            self._pil = Image.fromarray(self._pixels)
+        return self._pil
+
+
+def _simplejpeg_header(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` of a JPEG that simplejpeg decodes exactly as PIL (YCbCr or grey);
+    None for anything else (no simplejpeg, not a JPEG, CMYK, an unreadable header)."""
+    if simplejpeg is None or data[:2] != b"\xff\xd8":
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    return (width, height) if colorspace in ("YCbCr", "Gray") else None
 
 
 def _chw(im: Image.Image) -> torch.Tensor:
@@ -187,21 +248,22 @@ def _colour(view: torch.Tensor, spec: ViewSpec, rng: random.Random) -> torch.Ten
     return torch.from_numpy(np.array(im)).permute(2, 0, 1)
 
 
-_SCALE = 1 / (torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255)
-_SHIFT = -torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+_SCALE = (1 / (np.array(IMAGENET_STD, np.float32) * 255)).reshape(3, 1, 1)
+_SHIFT = (-np.array(IMAGENET_MEAN, np.float32) / np.array(IMAGENET_STD, np.float32)).reshape(3, 1, 1)
 
 
 def normalize_uint8(x, out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 ``[B, 3, H, W]`` (or a list of ``[3, H, W]``) -> ImageNet-normalised float32, into
     ``out`` if given.
 
-    ``(x / 255 - mean) / std`` as a copy, a multiply and an add: vectorised kernels, several
-    times faster than one mixed-dtype subtraction; a list is copied image by image (no stacking)."""
+    ``x / 255 * (1 / std) - mean / std``: one multiply that converts, one add in place. numpy's
+    kernels run on one thread whatever torch's setting: in a process whose cores are busy with
+    loader workers, torch's parallel kernels spend more time waiting for each other than working."""
+    if not isinstance(x, torch.Tensor):
+        x = torch.stack(list(x))
     if out is None:
-        out = torch.empty((len(x), *x[0].shape))
-    if isinstance(x, torch.Tensor):
-        out.copy_(x)
-    else:
-        for dst, src in zip(out, x):
-            dst.copy_(src)
-    return out.mul_(_SCALE).add_(_SHIFT)
+        out = torch.empty(x.shape)
+    dst = out.numpy()
+    np.multiply(x.numpy(), _SCALE, out=dst, casting="unsafe")
+    np.add(dst, _SHIFT, out=dst)
+    return out

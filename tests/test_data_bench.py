@@ -2,10 +2,14 @@
 
 import json
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 
 from mimscale.cli import main
+from mimscale.data_pipeline.bench import _cpu_seconds
 
 
 def need(module):
@@ -33,6 +37,22 @@ def test_bench_data_tiny(tmp_path, capsys):
     assert "wds / torchvision = " in out and "wds / ffcv = " in out
     assert set(result["median"]) == {"torchvision", "imagefolder", "wds", "ffcv"}
     assert all(len(v) == 2 and min(v) > 0 for v in result["images_per_s"].values())
+    assert "| CPU ms/image |" in out and "CPU per image ffcv / wds = " in out
+    assert all(len(v) == 2 and min(v) > 0 for v in result["cpu_ms_per_image"].values())
+
+
+def test_cpu_time_counts_live_children():
+    """A row's CPU time includes its loader workers (child processes), not only the main process."""
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                              "while time.process_time() - t < 0.4: pass\ntime.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 20  # a busy machine may give the child little CPU at first
+        while _cpu_seconds() - time.process_time() < 0.3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _cpu_seconds() - time.process_time() >= 0.3
+    finally:
+        child.kill()
+        child.wait()
 
 
 @pytest.mark.slow

@@ -1,18 +1,23 @@
-"""The view pipeline: crop law, geometry, fast JPEG decoding, MoCo v3 pairs, normalisation."""
+"""The view pipeline: crop law, geometry, fast JPEG decoding (PIL and simplejpeg), MoCo v3 pairs,
+normalisation."""
 
 import io
+import math
+import os
 import random
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image, JpegImagePlugin
+from PIL import Image
 from torchvision import transforms as T
 
+from mimscale.data_pipeline import views as views_module
 from mimscale.data_pipeline.synthetic import sample_at
 from mimscale.data_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from mimscale.data_pipeline.views import (
     ViewSpec,
+    dct_scale,
     decode_views,
     eval_views,
     mae_views,
@@ -20,6 +25,37 @@ from mimscale.data_pipeline.views import (
     normalize_uint8,
     sample_crop,
 )
+
+
+def need(module):
+    """Skip for a missing optional extra on a developer machine; never in CI."""
+    if os.environ.get("CI") == "true":
+        return __import__(module)
+    return pytest.importorskip(module)
+
+
+@pytest.fixture(params=["pil", "simplejpeg"])
+def decoder(request, monkeypatch):
+    """Run a test with JPEGs decoded by PIL, then by simplejpeg (the default when installed)."""
+    if request.param == "pil":
+        monkeypatch.setattr(views_module, "simplejpeg", None)
+    else:
+        assert views_module.simplejpeg is need("simplejpeg")
+    return request.param
+
+
+def _decoded_sizes(monkeypatch) -> list:
+    """Spy: the (width, height) of every decoded pixel grid, whichever decoder made it."""
+    sizes = []
+    decode = views_module._Encoded.decode
+
+    def spy(self, scale):
+        pixels = decode(self, scale)
+        sizes.append((pixels.shape[2], pixels.shape[1]))
+        return pixels
+
+    monkeypatch.setattr(views_module._Encoded, "decode", spy)
+    return sizes
 
 
 def _encode(arr, fmt="PNG", **kw) -> bytes:
@@ -80,18 +116,10 @@ def test_raw_pixels_decode_like_png(photo):
     assert torch.equal(raw.images[0], png.images[0]) and raw.boxes == png.boxes
 
 
-def test_fast_jpeg_decoding_uses_dct_scaling(monkeypatch):
+def test_fast_jpeg_decoding_uses_dct_scaling(decoder, monkeypatch):
     big = np.kron(sample_at(0, 1, size=96).image, np.ones((8, 8, 1), np.uint8))  # 768x768, smooth
     data = _encode(big, "JPEG", quality=95)
-    sizes = []
-    draft = JpegImagePlugin.JpegImageFile.draft
-
-    def spy(self, mode, size):
-        out = draft(self, mode, size)
-        sizes.append(self.size)
-        return out
-
-    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    sizes = _decoded_sizes(monkeypatch)
     spec = ViewSpec(64, scale=(0.5, 0.6), flip_p=0.0)
     fast = decode_views(data, [spec], random.Random(0), fast=True)
     assert sizes and max(sizes[-1]) == 768 // 8  # a crop of >= 512 px for 64 px: decoded at 1/8
@@ -133,7 +161,73 @@ def test_normalize_matches_torchvision():
     assert torch.allclose(normalize_uint8(x), ref, atol=1e-5)
 
 
-def test_undecodable_bytes_raise():
+def test_dct_scale_is_pils_draft_rule():
+    """Both decoders must land on the grid PIL's ``draft`` picks, or boxes would differ by decoder."""
+    rng = random.Random(0)
+    for _ in range(40):
+        width, height = rng.randint(8, 900), rng.randint(8, 900)
+        need_w, need_h = rng.randint(1, width + 20), rng.randint(1, height + 20)
+        im = Image.open(io.BytesIO(_encode(np.zeros((height, width, 3), np.uint8), "JPEG")))
+        im.draft("RGB", (need_w, need_h))
+        s = dct_scale(width, height, need_w, need_h)
+        assert im.size == (math.ceil(width / s), math.ceil(height / s)), (width, height, need_w, need_h)
+        assert s == 1 or (width / s >= need_w and height / s >= need_h)  # never below what was needed
+
+
+def _jpegs():
+    photo = np.ascontiguousarray(sample_at(0, 5, size=200).image[10:190])  # 200x180, textured
+    big = np.kron(sample_at(0, 2, size=100).image, np.ones((4, 4, 1), np.uint8))  # 400x400
+    grey = np.asarray(Image.fromarray(photo).convert("L"))
+    return {
+        "420": _encode(photo, "JPEG", quality=90),
+        "444": _encode(photo, "JPEG", quality=90, subsampling=0),
+        "422": _encode(photo, "JPEG", quality=75, subsampling=1),
+        "progressive": _encode(photo, "JPEG", quality=85, progressive=True),
+        "grey": _encode(grey, "JPEG", quality=90),
+        "cmyk": _encode_cmyk(photo),
+        "big": _encode(big, "JPEG", quality=90),
+    }
+
+
+def _encode_cmyk(arr) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).convert("CMYK").save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["420", "444", "422", "progressive", "grey", "cmyk", "big"])
+def test_simplejpeg_decodes_the_same_views_as_pil(kind, monkeypatch):
+    """Same pixels (the same libjpeg-turbo), so the same views and exactly the same boxes, at full
+    and DCT-reduced scale, for MAE's, MoCo v3's and the evaluation views."""
+    need("simplejpeg")
+    data = _jpegs()[kind]
+    specs = [ViewSpec(112, scale=(0.6, 1.0)), *mocov3_views(112), *eval_views(112)]  # full scale
+    if kind == "big":
+        specs = [ViewSpec(48, scale=(0.8, 1.0))]  # a crop of >= 357 px for 48 px: decoded at 1/4
+    sizes = _decoded_sizes(monkeypatch)
+    for seed in range(3):
+        turbo = decode_views(data, specs, random.Random(seed))
+        with monkeypatch.context() as m:
+            m.setattr(views_module, "simplejpeg", None)
+            pil = decode_views(data, specs, random.Random(seed))
+        assert turbo.boxes == pil.boxes and turbo.flips == pil.flips and turbo.original_size == pil.original_size
+        for a, b in zip(turbo.images, pil.images):
+            assert a.shape == b.shape and a.dtype == torch.uint8
+            assert (a.int() - b.int()).abs().max() <= 1  # libjpeg-turbo versions may round apart
+    assert set(sizes) == ({(100, 100)} if kind == "big" else {(200, 180)})  # both at 1/4, or 1
+
+
+def test_simplejpeg_takes_only_what_it_decodes_like_pil():
+    need("simplejpeg")
+    jpegs = _jpegs()
+    header = views_module._simplejpeg_header
+    assert header(jpegs["420"]) == (200, 180) and header(jpegs["grey"]) == (200, 180)
+    assert header(jpegs["cmyk"]) is None  # PIL converts CMYK its own way: it keeps those
+    assert header(_encode(np.zeros((8, 8, 3), np.uint8))) is None  # a PNG
+    assert header(b"\xff\xd8 not really a jpeg") is None
+
+
+def test_undecodable_bytes_raise(decoder):
     with pytest.raises(OSError, match="cannot identify image"):
         decode_views(b"not an image" * 4, mae_views(16), random.Random(0))
     ok = _encode(np.zeros((40, 40, 3), np.uint8), "JPEG")
