@@ -6,7 +6,12 @@ import torch
 from mimscale.cli import build_parser, main
 from mimscale.config import ConfigError
 from mimscale.downstream.classify.cli import _COMMANDS
-from mimscale.downstream.classify.config import FinetuneConfig, LinprobeConfig, load_classify_config
+from mimscale.downstream.classify.config import (
+    FinetuneConfig,
+    KNNRunConfig,
+    LinprobeConfig,
+    load_classify_config,
+)
 from mimscale.downstream.sweeps import available_sweeps, expand
 from mimscale.pretrain.models import build_mae, to_timm_state_dict
 
@@ -76,11 +81,24 @@ def test_regularisers_are_timms_and_follow_the_config(tiny_pth):
     (["model.name=mae_vit_base_patch16", "data.dataset=synthetic", "data.subset=0.1", "data.subset_file=x"],
      "give one"),
     (["model.name=mae_vit_base_patch16", "data.dataset=mnist"], "valid: imagenet, imagefolder, inat2018"),
-    (["model.name=mae_vit_base_patch16", "data.dataset=synthetic", "engine.backend=fsdp"], "valid: ddp"),
+    (["model.name=mae_vit_base_patch16", "data.dataset=synthetic", "engine.backend=deepspeed"],
+     r"'deepspeed' is not offered by mimscale finetune; valid: ddp, fsdp \(fsdp is the sharded option"),
+    (["model.name=mae_vit_base_patch16", "data.dataset=synthetic", "engine.backend=fsdp", "ema.enabled=true"],
+     "ema.enabled: the EMA of the weights is kept with engine.backend=ddp only"),
+    (["model.name=mae_vit_base_patch16", "data.dataset=synthetic", "engine.cpu_offload=true"],
+     "engine.cpu_offload: offloads fsdp's shards; engine.backend=ddp has none"),
 ])
 def test_bad_options_are_named(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_classify_config(FinetuneConfig, overrides)
+
+
+def test_fsdp_is_offered_where_something_trains():
+    base = ["model.name=mae_vit_base_patch16", "data.dataset=synthetic", "engine.backend=fsdp"]
+    assert load_classify_config(FinetuneConfig, base).engine.backend == "fsdp"
+    assert load_classify_config(LinprobeConfig, base).engine.backend == "fsdp"
+    with pytest.raises(ConfigError, match="not offered by mimscale knn; valid: ddp .k-NN trains nothing"):
+        load_classify_config(KNNRunConfig, base)
 
 
 def test_cli_prints_config_and_reports_config_errors(capsys):

@@ -132,7 +132,10 @@ class KNNConfig:
 
 @dataclass
 class EngineConfig:
-    backend: str = _opt("ddp", "ddp only: data parallel (also single process) under torchrun/srun")
+    backend: str = _opt("ddp", "ddp: data parallel (also single process) under torchrun/srun; fsdp "
+                        "(finetune, linprobe): FSDP2, parameters, gradients and optimizer state sharded "
+                        "per transformer block, sharded resumable checkpoints")
+    cpu_offload: bool = _opt(False, "fsdp on GPUs: keep the sharded state in host memory")
     device: str = _opt("auto", "compute device", choices=("auto", "cpu", "cuda"))
     precision: str = _opt("bf16", "autocast dtype; weights, losses and features stay fp32",
                           choices=("bf16", "fp32"))
@@ -152,11 +155,16 @@ class OutputConfig:
 
 
 def _feature_checks(cfg) -> None:
-    d = cfg.data
-    if cfg.engine.backend != "ddp":
-        raise ConfigError(f"engine.backend: {cfg.engine.backend!r} is not offered here; valid: ddp. The "
-                          "sharded pretraining backends are not needed: a ViT-H classifier and its AdamW "
-                          "state fit one GPU, and checkpoints pretrained with fsdp or deepspeed load as-is")
+    d, e = cfg.data, cfg.engine
+    trains = cfg.protocol in ("finetune", "linprobe")
+    valid = "ddp, fsdp" if trains else "ddp"
+    if e.backend not in valid.split(", "):
+        why = ("fsdp is the sharded option here" if trains else
+               "k-NN trains nothing, so there is no state to shard")
+        raise ConfigError(f"engine.backend: {e.backend!r} is not offered by mimscale {cfg.protocol}; valid: "
+                          f"{valid} ({why}; checkpoints pretrained with any backend load as-is)")
+    if e.cpu_offload and e.backend != "fsdp":
+        raise ConfigError(f"engine.cpu_offload: offloads fsdp's shards; engine.backend={e.backend} has none")
     if cfg.checkpoint and not Path(cfg.checkpoint).exists():
         raise ConfigError(f"checkpoint: {cfg.checkpoint} does not exist")
     if cfg.model.name == "auto" and not cfg.checkpoint:
@@ -207,6 +215,9 @@ class FinetuneConfig:
         if self.eval_only and not self.checkpoint:
             raise ConfigError("eval_only: needs checkpoint=<a fine-tuned classifier> (a mimscale finetune "
                               "run or checkpoint, or an MAE fine-tuned .pth)")
+        if self.ema.enabled and self.engine.backend != "ddp":
+            raise ConfigError(f"ema.enabled: the EMA of the weights is kept with engine.backend=ddp only "
+                              f"(not {self.engine.backend}); drop ema.enabled or use ddp")
         lo, hi = a.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ConfigError(f"augment.crop_scale: {list(a.crop_scale)} must satisfy 0 < min <= max <= 1")

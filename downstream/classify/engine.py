@@ -1,5 +1,5 @@
 """The epoch loop shared by fine-tuning and linear probing, on the pretraining engine's pieces:
-the backend (DDP or one process; autocast, accumulation, clipping, skipped non-finite steps), the
+the backend (DDP, FSDP or one process; autocast, accumulation, clipping, skipped non-finite steps), the
 cosine schedule, atomic checkpoints, the JSONL/TensorBoard logger, and the data plan's
 exactly-once sampler.
 
@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from timm.models.vision_transformer import Block
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from mimscale.config import to_dict, to_yaml
@@ -75,17 +77,25 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks=(1, 5)) -> torc
 @torch.no_grad()
 def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, backend: Backend,
              batch_size: int, num_workers: int = 0) -> dict:
-    """Top-1 / top-5 accuracy (percent) over every sample once, the ranks' shares summed."""
+    """Top-1 / top-5 accuracy (percent) over every sample once, the ranks' shares summed.
+
+    Every rank runs the same number of forwards (a sharded model's forward is collective): a
+    share one sample short repeats one at its end, which is not counted."""
     env = backend.env
-    loader = DataLoader(Subset(dataset, shard_indices(len(dataset), env.rank, env.world_size)),
-                        batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    mine = shard_indices(len(dataset), env.rank, env.world_size)
+    rows = -(-len(dataset) // env.world_size)
+    padded = mine + mine[:1] * (rows - len(mine)) if mine else [0] * rows
+    loader = DataLoader(Subset(dataset, padded), batch_size=batch_size, shuffle=False, num_workers=num_workers)
     sums = torch.zeros(3, device=backend.device)  # top1, top5, count
+    seen = 0
     for images, targets in loader:
         images, targets = images.to(backend.device, non_blocking=True), targets.to(backend.device)
         with backend.autocast():
             logits = forward(images)
-        sums[:2] += topk_correct(logits.float(), targets)
-        sums[2] += len(targets)
+        real = max(0, min(len(targets), len(mine) - seen))
+        seen += len(targets)
+        sums[:2] += topk_correct(logits[:real].float(), targets[:real])
+        sums[2] += real
     if env.world_size > 1:
         dist.all_reduce(sums)
     top1, top5, n = sums.tolist()
@@ -110,10 +120,14 @@ class _Trainer:
         self.warmup = round(s.warmup_epochs * self.steps_per_epoch)
         self.effective_batch = d.batch_size * o.accum_steps * self.env.world_size
         self.lr = o.lr or scaled_lr(o.blr, self.effective_batch)
-        self.model = backend.wrap(job.model)
+        self.sharded = backend.checkpoint_format != "full"
+        self.model = _wrap(backend, job.model)
         job.make_optimizer(backend, self.lr)
         self.ema = None
         if job.ema_decay:
+            if self.sharded:
+                raise ValueError(f"an EMA of the weights is not kept with engine.backend={backend.name}; "
+                                 "use engine.backend=ddp for ema.enabled=true")
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(backend.module, decay=job.ema_decay)
@@ -125,29 +139,62 @@ class _Trainer:
     def _filtered(self, state: dict) -> dict:
         return {k: v for k, v in state.items() if self.job.keep_key(k)}
 
+    def _run_state(self) -> dict:
+        return {"step": self.step, "guard": self.guard.state_dict(), "history": self.history,
+                "rng": rng_state(),  # every rank draws alike (seeded alike), so one copy serves all
+                "config": to_dict(self.cfg), "classifier": self.job.meta,
+                "layout": {"world_size": self.env.world_size, "batch_size": self.cfg.data.batch_size,
+                           "accum_steps": self.cfg.optim.accum_steps}}
+
     def save(self) -> Path:
+        if self.sharded:
+            return self._save_sharded()
         path = self.checkpoints.path_for(self.step)
         if self.env.is_main:
             state = {"model": self._filtered(self.backend.module.state_dict()),
                      "optimizer": self.backend.optimizer.state_dict(),
                      "ema": self._filtered(self.ema.module.state_dict()) if self.ema is not None else None,
-                     "step": self.step, "guard": self.guard.state_dict(), "history": self.history,
-                     "rng": rng_state(),  # every rank draws alike (seeded alike), so one copy serves all
-                     "config": to_dict(self.cfg), "classifier": self.job.meta,
-                     "layout": {"world_size": self.env.world_size, "batch_size": self.cfg.data.batch_size,
-                                "accum_steps": self.cfg.optim.accum_steps}}
+                     **self._run_state()}
             self.checkpoints.save(self.step, state, to_yaml(self.cfg))
         self.backend.barrier()
         return path
 
-    def restore(self, path: Path) -> None:
-        state = read_state(path)
+    def _save_sharded(self) -> Path:
+        """The backend's shards of model and optimizer (resumable on any number of ranks) in the
+        folder, and the full weights in state.pt, so the checkpoint reads like a ddp one
+        (``read_weights``, eval-only runs). Collective."""
+        tmp = self.checkpoints.staging_path(self.step)
+        if self.env.is_main:
+            self.checkpoints.stage(self.step)
+        self.backend.barrier()
+        self.backend.save(tmp)
+        weights = full_weights(self.backend.module)
+        if self.env.is_main:
+            state = {"model": self._filtered(weights), "train_state": self.backend.checkpoint_format,
+                     **self._run_state()}
+            self.checkpoints.commit(self.step, tmp, state, to_yaml(self.cfg))
+        self.backend.barrier()
+        return self.checkpoints.path_for(self.step)
+
+    def _restore_weights(self, path: Path, state: dict) -> None:
+        """Model and optimizer, from whichever layout the checkpoint has."""
+        shards = state.get("train_state")  # e.g. "dcp": model and optimizer are shards in the folder
+        if shards is not None:
+            self.backend.load(path, {"format": shards})  # ddp reads them consolidated
+            return
+        if self.sharded:
+            raise ValueError(f"checkpoint {path} was written by engine.backend=ddp; resume it with ddp (to "
+                             f"fine-tune its encoder with engine.backend={self.backend.name}, give it as checkpoint=)")
         missing, unexpected = self.backend.module.load_state_dict(state["model"], strict=False)
         missing = [k for k in missing if self.job.keep_key(k)]
         if missing or unexpected:
             raise ValueError(f"checkpoint {path} does not fit this {self.job.protocol} model: missing "
                              f"{missing[:5]}, unexpected {list(unexpected)[:5]}")
         self.backend.optimizer.load_state_dict(state["optimizer"])
+
+    def restore(self, path: Path) -> None:
+        state = read_state(path)
+        self._restore_weights(path, state)
         if self.ema is not None and state.get("ema") is not None:
             self.ema.module.load_state_dict(state["ema"], strict=False)
         self.step = int(state["step"])
@@ -188,6 +235,8 @@ class _Trainer:
         module = self.backend.module
         was = module.training
         module.eval()
+        if self.sharded:
+            _broadcast_buffers(module)
         metrics = evaluate(module, self.job.eval_set, self.backend, bs, workers)
         module.train(was)
         ema = None
@@ -255,6 +304,27 @@ class _Trainer:
             metrics, ema_metrics = self.evaluate()
         return FitResult(metrics, ema_metrics, self.step, self.step / self.steps_per_epoch,
                          self.checkpoints.latest(), None, self.history)
+
+
+def _wrap(backend: Backend, model: nn.Module) -> nn.Module:
+    """FSDP shards each transformer block as its own unit (timm's blocks, named here)."""
+    if backend.name == "fsdp":
+        return backend.wrap(model, units=[m for m in model.modules() if isinstance(m, Block)])
+    return backend.wrap(model)
+
+
+def full_weights(module: nn.Module) -> dict:
+    """The whole state dict of a sharded model on the main rank, in CPU memory (empty on the
+    others). Collective."""
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _broadcast_buffers(module: nn.Module) -> None:
+    """The main rank's buffers (BatchNorm statistics) on every rank, as DDP keeps them: sharding
+    leaves buffers to each rank, so statistics drift apart with the ranks' batches."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, 0)
 
 
 def _prefixed(prefix: str, metrics: dict) -> dict:

@@ -10,6 +10,7 @@ optional EMA of the weights, bf16 autocast. ``eval_only`` evaluates a fine-tuned
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -90,7 +91,8 @@ def robustness(run: Run, cfg: FinetuneConfig, vit: nn.Module, eval_set) -> dict[
     out = {}
     for name, kind in ((f"occlude{round(100 * cfg.eval.occlusion)}", "occlude"), ("shuffle", "shuffle")):
         gen = torch.Generator().manual_seed(cfg.engine.seed * 1000 + run.env.rank)
-        forward = lambda x, kind=kind, gen=gen: perturbed_forward(vit, x, kind, cfg.eval.occlusion, gen)
+        perturb = partial(perturbed_forward, perturbation=kind, ratio=cfg.eval.occlusion, generator=gen)
+        forward = lambda x, perturb=perturb: vit(x, perturb)  # through forward: FSDP gathers there
         out[name] = evaluate(forward, eval_set, run.backend, cfg.data.batch_size, cfg.data.num_workers)
     return out
 

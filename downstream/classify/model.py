@@ -4,6 +4,8 @@ key for key."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
@@ -16,8 +18,19 @@ from .weights import PretrainedWeights
 POOLS = {"cls": "token", "mean": "avg"}
 
 
+class ViTClassifier(VisionTransformer):
+    """timm's ViT (same state dict) whose forward can also run a perturbed pass (robustness).
+
+    A sharded model (FSDP2) gathers its root parameters only inside its own ``forward``, so a pass
+    that takes another path through the layers (occluded or shuffled patches) must enter here."""
+
+    def forward(self, x: torch.Tensor, perturb: Callable[[VisionTransformer, torch.Tensor], torch.Tensor]
+                | None = None) -> torch.Tensor:
+        return super().forward(x) if perturb is None else perturb(self, x)
+
+
 def build_vit(name: str, patch_size: int | None, img_size: int, num_classes: int, pool: str = "mean",
-              drop_path: float = 0.0, fc_norm: bool | None = None) -> VisionTransformer:
+              drop_path: float = 0.0, fc_norm: bool | None = None) -> ViTClassifier:
     """A timm ViT of the ``build_mae`` size ``name``. ``pool``: ``cls`` (the CLS token after the final
     norm) or ``mean`` (patch tokens averaged; with ``fc_norm`` the norm comes after pooling, as in
     MAE fine-tuning [C], else before it). ``num_classes=0`` returns the pooled features."""
@@ -26,10 +39,10 @@ def build_vit(name: str, patch_size: int | None, img_size: int, num_classes: int
     if pool not in POOLS:
         raise ValueError(f"pool {pool!r} is not valid; valid: {', '.join(POOLS)}")
     size = MODEL_SIZES[name]
-    return VisionTransformer(img_size=img_size, patch_size=patch_size or size["patch_size"],
-                             embed_dim=size["embed_dim"], depth=size["depth"], num_heads=size["num_heads"],
-                             mlp_ratio=4.0, qkv_bias=True, num_classes=num_classes, global_pool=POOLS[pool],
-                             fc_norm=fc_norm, drop_path_rate=drop_path)
+    return ViTClassifier(img_size=img_size, patch_size=patch_size or size["patch_size"],
+                         embed_dim=size["embed_dim"], depth=size["depth"], num_heads=size["num_heads"],
+                         mlp_ratio=4.0, qkv_bias=True, num_classes=num_classes, global_pool=POOLS[pool],
+                         fc_norm=fc_norm, drop_path_rate=drop_path)
 
 
 def load_weights(vit: VisionTransformer, weights: PretrainedWeights, with_head: bool = False) -> list[str]:

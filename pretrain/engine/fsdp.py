@@ -89,9 +89,13 @@ class FSDPBackend(Backend):
         self.cpu_offload = cpu_offload
         self._direct: _DirectAccess | None = None
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, units: list[nn.Module] | None = None) -> nn.Module:
+        """Shard ``model``: each of ``units`` (default: its mimscale transformer blocks; other
+        models, such as timm's ViT, name their own blocks) is one unit, the rest the root unit."""
         init_single_process_group(self.device)
         blocks = self._prepare(model)
+        if units is not None:
+            blocks = list(units)
         mesh = init_device_mesh(self.device.type, (dist.get_world_size(),))
         # Autocast picks each op's compute dtype (as with DDP); inputs and the residual stream stay
         # fp32, so loss targets are computed from the exact images.
