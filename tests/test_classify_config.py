@@ -81,22 +81,32 @@ def test_regularisers_are_timms_and_follow_the_config(tiny_pth):
     (["model.name=mae_vit_base_patch16", "data.dataset=synthetic", "data.subset=0.1", "data.subset_file=x"],
      "give one"),
     (["model.name=mae_vit_base_patch16", "data.dataset=mnist"], "valid: imagenet, imagefolder, inat2018"),
-    (["model.name=mae_vit_base_patch16", "data.dataset=synthetic", "engine.backend=deepspeed"],
-     r"'deepspeed' is not offered by mimscale finetune; valid: ddp, fsdp \(fsdp is the sharded option"),
+    (["model.name=mae_vit_base_patch16", "data.dataset=synthetic", "engine.backend=zero"],
+     "engine.backend.*valid: ddp, fsdp, deepspeed"),
     (["model.name=mae_vit_base_patch16", "data.dataset=synthetic", "engine.backend=fsdp", "ema.enabled=true"],
      "ema.enabled: the EMA of the weights is kept with engine.backend=ddp only"),
+    (["model.name=mae_vit_base_patch16", "data.dataset=synthetic", "engine.backend=deepspeed", "ema.enabled=true"],
+     r"ema.enabled: the EMA of the weights is kept with engine.backend=ddp only \(not deepspeed\)"),
     (["model.name=mae_vit_base_patch16", "data.dataset=synthetic", "engine.cpu_offload=true"],
-     "engine.cpu_offload: offloads fsdp's shards; engine.backend=ddp has none"),
+     "engine.cpu_offload: offloads the shards of fsdp or deepspeed; engine.backend=ddp has none"),
+    (["model.name=mae_vit_base_patch16", "data.dataset=synthetic", "engine.deepspeed_config=ds.json"],
+     "engine.deepspeed_config: only used with engine.backend=deepspeed"),
+    (["model.name=mae_vit_base_patch16", "data.dataset=synthetic", "engine.backend=deepspeed",
+      "engine.deepspeed_config=/nope.json"], "engine.deepspeed_config: file /nope.json does not exist"),
+    (["model.name=mae_vit_base_patch16", "data.dataset=synthetic", "engine.backend=deepspeed",
+      "engine.zero_stage=4"], "engine.zero_stage.*valid: 1, 2, 3"),
 ])
 def test_bad_options_are_named(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_classify_config(FinetuneConfig, overrides)
 
 
-def test_fsdp_is_offered_where_something_trains():
-    base = ["model.name=mae_vit_base_patch16", "data.dataset=synthetic", "engine.backend=fsdp"]
-    assert load_classify_config(FinetuneConfig, base).engine.backend == "fsdp"
-    assert load_classify_config(LinprobeConfig, base).engine.backend == "fsdp"
+@pytest.mark.parametrize("backend", [["engine.backend=fsdp"], ["engine.backend=deepspeed", "engine.zero_stage=3"]])
+def test_sharded_backends_are_offered_where_something_trains(backend):
+    base = ["model.name=mae_vit_base_patch16", "data.dataset=synthetic", *backend]
+    for cls in (FinetuneConfig, LinprobeConfig):
+        engine = load_classify_config(cls, base).engine
+        assert (engine.backend, engine.zero_stage) == (backend[0].split("=")[1], 3 if len(backend) > 1 else 2)
     with pytest.raises(ConfigError, match="not offered by mimscale knn; valid: ddp .k-NN trains nothing"):
         load_classify_config(KNNRunConfig, base)
 

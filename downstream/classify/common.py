@@ -55,7 +55,8 @@ def start(cfg) -> Run:
     device_type = "cuda" if cfg.engine.device == "cuda" or (
         cfg.engine.device == "auto" and torch.cuda.is_available()) else "cpu"
     env = init_distributed(device_type)
-    backend = build_backend(cfg.engine, env)
+    # deepspeed owns clipping and accumulation, so it reads them (knn has no optimizer)
+    backend = build_backend(cfg.engine, env, getattr(cfg, "optim", None), cfg.data.batch_size)
     run_dir = Path(cfg.output.dir)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

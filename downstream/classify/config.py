@@ -134,8 +134,14 @@ class KNNConfig:
 class EngineConfig:
     backend: str = _opt("ddp", "ddp: data parallel (also single process) under torchrun/srun; fsdp "
                         "(finetune, linprobe): FSDP2, parameters, gradients and optimizer state sharded "
-                        "per transformer block, sharded resumable checkpoints")
-    cpu_offload: bool = _opt(False, "fsdp on GPUs: keep the sharded state in host memory")
+                        "per transformer block, sharded resumable checkpoints; deepspeed (finetune, "
+                        "linprobe): ZeRO of engine.zero_stage, resumable on the same number of ranks",
+                        choices=("ddp", "fsdp", "deepspeed"))
+    zero_stage: int = _opt(2, "deepspeed: ZeRO stage; 1 shards optimizer state, 2 + gradients, 3 + "
+                           "parameters", choices=(1, 2, 3))
+    deepspeed_config: str | None = _opt(None, "deepspeed: JSON file merged over the generated DeepSpeed config")
+    cpu_offload: bool = _opt(False, "on GPUs: keep fsdp's sharded state, or deepspeed's optimizer state, "
+                             "in host memory")
     device: str = _opt("auto", "compute device", choices=("auto", "cpu", "cuda"))
     precision: str = _opt("bf16", "autocast dtype; weights, losses and features stay fp32",
                           choices=("bf16", "fp32"))
@@ -156,15 +162,18 @@ class OutputConfig:
 
 def _feature_checks(cfg) -> None:
     d, e = cfg.data, cfg.engine
-    trains = cfg.protocol in ("finetune", "linprobe")
-    valid = "ddp, fsdp" if trains else "ddp"
-    if e.backend not in valid.split(", "):
-        why = ("fsdp is the sharded option here" if trains else
-               "k-NN trains nothing, so there is no state to shard")
-        raise ConfigError(f"engine.backend: {e.backend!r} is not offered by mimscale {cfg.protocol}; valid: "
-                          f"{valid} ({why}; checkpoints pretrained with any backend load as-is)")
-    if e.cpu_offload and e.backend != "fsdp":
-        raise ConfigError(f"engine.cpu_offload: offloads fsdp's shards; engine.backend={e.backend} has none")
+    if cfg.protocol == "knn" and e.backend != "ddp":
+        raise ConfigError(f"engine.backend: {e.backend!r} is not offered by mimscale knn; valid: ddp (k-NN "
+                          "trains nothing, so there is no state to shard; checkpoints pretrained with any "
+                          "backend load as-is)")
+    if e.cpu_offload and e.backend == "ddp":
+        raise ConfigError("engine.cpu_offload: offloads the shards of fsdp or deepspeed; engine.backend=ddp "
+                          "has none")
+    if e.deepspeed_config is not None:
+        if e.backend != "deepspeed":
+            raise ConfigError(f"engine.deepspeed_config: only used with engine.backend=deepspeed (not {e.backend})")
+        if not Path(e.deepspeed_config).is_file():
+            raise ConfigError(f"engine.deepspeed_config: file {e.deepspeed_config} does not exist")
     if cfg.checkpoint and not Path(cfg.checkpoint).exists():
         raise ConfigError(f"checkpoint: {cfg.checkpoint} does not exist")
     if cfg.model.name == "auto" and not cfg.checkpoint:

@@ -1,6 +1,6 @@
 """The epoch loop shared by fine-tuning and linear probing, on the pretraining engine's pieces:
-the backend (DDP, FSDP or one process; autocast, accumulation, clipping, skipped non-finite steps), the
-cosine schedule, atomic checkpoints, the JSONL/TensorBoard logger, and the data plan's
+the backend (DDP, FSDP, DeepSpeed ZeRO or one process; autocast, accumulation, clipping, skipped
+non-finite steps), the cosine schedule, atomic checkpoints, the JSONL/TensorBoard logger, and the data plan's
 exactly-once sampler.
 
 A checkpoint records the step (the position inside the epoch follows) and the random state, so a
@@ -11,6 +11,7 @@ their augmentations from their own seeds).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -121,8 +122,9 @@ class _Trainer:
         self.effective_batch = d.batch_size * o.accum_steps * self.env.world_size
         self.lr = o.lr or scaled_lr(o.blr, self.effective_batch)
         self.sharded = backend.checkpoint_format != "full"
-        self.model = _wrap(backend, job.model)
+        _wrap(backend, job.model)
         job.make_optimizer(backend, self.lr)
+        self.model = backend.model  # what the loop calls: DDP's or DeepSpeed's wrapper (built with the optimizer)
         self.ema = None
         if job.ema_decay:
             if self.sharded:
@@ -160,15 +162,15 @@ class _Trainer:
         return path
 
     def _save_sharded(self) -> Path:
-        """The backend's shards of model and optimizer (resumable on any number of ranks) in the
-        folder, and the full weights in state.pt, so the checkpoint reads like a ddp one
-        (``read_weights``, eval-only runs). Collective."""
+        """The backend's shards of model and optimizer in the folder (fsdp's reshard to any number
+        of ranks, deepspeed's load on as many as wrote them), and the full weights in state.pt, so
+        the checkpoint reads like a ddp one (``read_weights``, eval-only runs). Collective."""
         tmp = self.checkpoints.staging_path(self.step)
         if self.env.is_main:
             self.checkpoints.stage(self.step)
         self.backend.barrier()
         self.backend.save(tmp)
-        weights = full_weights(self.backend.module)
+        weights = full_weights(self.backend)
         if self.env.is_main:
             state = {"model": self._filtered(weights), "train_state": self.backend.checkpoint_format,
                      **self._run_state()}
@@ -178,9 +180,9 @@ class _Trainer:
 
     def _restore_weights(self, path: Path, state: dict) -> None:
         """Model and optimizer, from whichever layout the checkpoint has."""
-        shards = state.get("train_state")  # e.g. "dcp": model and optimizer are shards in the folder
-        if shards is not None:
-            self.backend.load(path, {"format": shards})  # ddp reads them consolidated
+        shards = state.get("train_state")  # "dcp" or "deepspeed": model and optimizer are shards in the folder
+        if shards is not None:  # ddp reads dcp shards consolidated
+            self.backend.load(path, {"format": shards, "world_size": state["layout"]["world_size"]})
             return
         if self.sharded:
             raise ValueError(f"checkpoint {path} was written by engine.backend=ddp; resume it with ddp (to "
@@ -313,10 +315,26 @@ def _wrap(backend: Backend, model: nn.Module) -> nn.Module:
     return backend.wrap(model)
 
 
-def full_weights(module: nn.Module) -> dict:
+def full_weights(backend: Backend) -> dict:
     """The whole state dict of a sharded model on the main rank, in CPU memory (empty on the
     others). Collective."""
-    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if backend.name != "deepspeed":
+        return get_model_state_dict(backend.module,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    with _gathered(backend):
+        if not backend.env.is_main:
+            return {}
+        return {k: v.detach().to("cpu", copy=True) for k, v in backend.module.state_dict().items()}
+
+
+def _gathered(backend: Backend):
+    """ZeRO-3 keeps each rank's partition of a parameter only; inside this context every rank has
+    them whole (read-only). Stages 1 and 2 keep whole parameters on every rank already."""
+    if backend.zero_stage < 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(backend.module.parameters()), modifier_rank=None)
 
 
 def _broadcast_buffers(module: nn.Module) -> None:

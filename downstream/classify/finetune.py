@@ -92,7 +92,7 @@ def robustness(run: Run, cfg: FinetuneConfig, vit: nn.Module, eval_set) -> dict[
     for name, kind in ((f"occlude{round(100 * cfg.eval.occlusion)}", "occlude"), ("shuffle", "shuffle")):
         gen = torch.Generator().manual_seed(cfg.engine.seed * 1000 + run.env.rank)
         perturb = partial(perturbed_forward, perturbation=kind, ratio=cfg.eval.occlusion, generator=gen)
-        forward = lambda x, perturb=perturb: vit(x, perturb)  # through forward: FSDP gathers there
+        forward = lambda x, perturb=perturb: vit(x, perturb)  # through forward: FSDP and ZeRO-3 gather there
         out[name] = evaluate(forward, eval_set, run.backend, cfg.data.batch_size, cfg.data.num_workers)
     return out
 

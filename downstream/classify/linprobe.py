@@ -29,8 +29,13 @@ from .subsets import training_subset
 def _lars(o):
     def make(backend, lr):
         params = [p for p in backend.module.parameters() if p.requires_grad]
-        backend.optimizer = LARS(params, lr=lr, weight_decay=o.weight_decay, momentum=o.momentum,
-                                 trust_coefficient=o.trust_coefficient)
+        options = dict(lr=lr, weight_decay=o.weight_decay, momentum=o.momentum, trust_coefficient=o.trust_coefficient)
+        if backend.name == "deepspeed":
+            # ZeRO steps a flat slice of each group on each rank: one weight per group, so that
+            # LARS can sum its norms over the ranks
+            groups = [{"params": [p], "adapt": p.ndim > 1, "numel": p.numel()} for p in params]
+            return backend.initialize(LARS(groups, **options))
+        backend.optimizer = LARS(params, **options)
         return backend.optimizer
     return make
 

@@ -21,7 +21,7 @@ POOLS = {"cls": "token", "mean": "avg"}
 class ViTClassifier(VisionTransformer):
     """timm's ViT (same state dict) whose forward can also run a perturbed pass (robustness).
 
-    A sharded model (FSDP2) gathers its root parameters only inside its own ``forward``, so a pass
+    A sharded model (FSDP2, ZeRO-3) gathers its root parameters only inside its own ``forward``, so a pass
     that takes another path through the layers (occluded or shuffled patches) must enter here."""
 
     def forward(self, x: torch.Tensor, perturb: Callable[[VisionTransformer, torch.Tensor], torch.Tensor]

@@ -10,6 +10,7 @@ the final norm with the last block, one factor of ``decay`` below MAE's.)
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mimscale.downstream.dense.optim import layer_decay_param_groups
@@ -28,6 +29,11 @@ class LARS(torch.optim.Optimizer):
 
     Biases and other 1-D parameters take plain momentum SGD, without weight decay or rescaling.
     The ratio is computed on the device (no host sync); a zero weight or update leaves it at 1.
+
+    Under DeepSpeed ZeRO each rank steps a flat slice of every param group, so the norms of a
+    weight must be summed over the ranks: a group holding one parameter can say ``adapt`` (it is a
+    weight matrix) and ``numel`` (its whole size; the rank's slice is then the ``rank``-th of
+    equal contiguous slices, padding past ``numel`` ignored).
     """
 
     def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
@@ -49,10 +55,9 @@ class LARS(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 update = p.grad
-                if p.ndim > 1:
+                if group.get("adapt", p.ndim > 1):
                     update = update.add(p, alpha=group["weight_decay"])
-                    w_norm = torch.linalg.vector_norm(p)
-                    u_norm = torch.linalg.vector_norm(update)
+                    w_norm, u_norm = _norms(p, update, group.get("numel"))
                     trust = group["trust_coefficient"] * w_norm / u_norm
                     update = update * torch.where((w_norm > 0) & (u_norm > 0), trust, torch.ones_like(trust))
                 state = self.state[p]
@@ -62,3 +67,14 @@ class LARS(torch.optim.Optimizer):
                 buf.mul_(group["momentum"]).add_(update)
                 p.add_(buf, alpha=-group["lr"])
         return loss
+
+
+def _norms(weight: torch.Tensor, update: torch.Tensor, numel: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2 norms of a whole weight and its update, from this rank's slice if ``numel`` is given."""
+    if numel is None:
+        return torch.linalg.vector_norm(weight), torch.linalg.vector_norm(update)
+    part = weight.numel()
+    real = max(0, min(part, numel - dist.get_rank() * part))
+    squares = torch.stack([weight.reshape(-1)[:real].square().sum(), update.reshape(-1)[:real].square().sum()])
+    dist.all_reduce(squares)
+    return squares[0].sqrt(), squares[1].sqrt()

@@ -96,6 +96,12 @@ class DeepSpeedBackend(Backend):
         return model
 
     def build_optimizer(self, groups: list[dict], lr: float, betas: tuple[float, float]):
+        return self.initialize(torch.optim.AdamW(groups, lr=lr, betas=betas, fused=self.device.type == "cuda"))
+
+    def initialize(self, base: torch.optim.Optimizer):
+        """Build DeepSpeed's engine around the wrapped module and ``base``, an optimizer over its
+        parameters (AdamW from ``build_optimizer``, or another, e.g. the linear probe's LARS). ZeRO
+        hands ``base`` flat partitions of each param group, keeping the groups' other keys."""
         deepspeed = import_deepspeed(self.device.type)
         config = self.ds_config()
         zero = config["zero_optimization"]
@@ -106,7 +112,6 @@ class DeepSpeedBackend(Backend):
         if zero.get("compute_grad_norm", True) is False:
             raise ValueError("zero_optimization.compute_grad_norm must stay true: skipping non-finite "
                              "steps needs DeepSpeed's gradient norm")
-        base = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=self.device.type == "cuda")
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.module, optimizer=base, config=config, dist_init_required=False)
         self.model = self.engine
