@@ -89,7 +89,7 @@ def synthetic_jpeg_folder(root: Path, n: int, size: tuple[int, int], quality: in
 def _prepare(args) -> tuple[Path, Path, Path | None]:
     from .build import cache_dir
     from .shards import ImageFolderInput, write_beton, write_wds
-    from .sources.wds import INDEX_NAME
+    from .sources.wds import INDEX_NAME, read_member_table, write_member_table
 
     base = Path(args.cache) if args.cache else cache_dir() / "bench"
     if args.root:
@@ -103,6 +103,9 @@ def _prepare(args) -> tuple[Path, Path, Path | None]:
     index = shards / INDEX_NAME
     if not (index.exists() and json.loads(index.read_text())["mimscale"]["complete"]):
         write_wds(ImageFolderInput(root), shards, max_bytes=64 << 20, workers=args.workers, overwrite=True)
+    for tar in sorted(shards.glob("*.tar")):  # shards cached before member tables existed
+        if read_member_table(str(tar)) is None:
+            write_member_table(str(tar))
     beton = base / tag / "images.beton"
     if {"ffcv", "ffcv-native"} & set(args.rows.split(",")) and not beton.exists():
         try:

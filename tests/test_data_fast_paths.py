@@ -13,11 +13,16 @@ import torch
 
 from mimscale.data_pipeline.loader import PretrainLoader, _host_batch
 from mimscale.data_pipeline.sources.wds import (
+    TABLE_SUFFIX,
     NotPlain,
     PlainTar,
     TarShardSource,
     _read_samples,
+    member_table,
+    read_member_table,
     read_shard,
+    to_record,
+    write_member_table,
 )
 from mimscale.data_pipeline.synthetic import write_shards
 from mimscale.data_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -155,3 +160,65 @@ def test_worker_batches_equal_in_process_batches(shards):
     pixels = x * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255 + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
     assert (pixels - pixels.round()).abs().max() < 1e-3 and pixels.min() > -0.5 and pixels.max() < 255.5
     assert np.unique(pixels.round().numpy()).size > 50
+
+
+TABLE_LAYOUTS = {  # members per sample in odd orders: no image, zero-byte image, bad label, two images
+    **{k: v for k, v in LAYOUTS.items() if k != "dirs_and_links"},
+    "ragged": (tarfile.PAX_FORMAT, 0, [("a.cls", b"3"), ("a.JPG", b"j" * 900), ("b.json", b"{}"),
+                                       ("b.cls", b"x"), ("c.png", b""), ("c.cls", b"5"),
+                                       ("d.png", b"p" * 20), ("d.jpg", b"k" * 30), ("d.label", b" 7\n")]),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(TABLE_LAYOUTS))
+def test_member_table_reads_what_the_walk_reads(tmp_path, layout):
+    fmt, mtime, members = TABLE_LAYOUTS[layout]
+    url = _tar(tmp_path / "t.tar", members, fmt, mtime)
+    n = len(member_table(url)["samples"])
+    wanted_sets = [set(range(n)), {n - 1}, {0, n + 2}]  # n + 2: beyond the shard
+    walked = [read_shard(url, w) for w in wanted_sets]
+    write_member_table(url)
+    assert read_member_table(url) is not None
+    for w, expected in zip(wanted_sets, walked):
+        got = read_shard(url, w)
+        assert [to_record(i, url, got[i]).__dict__ for i in sorted(w)] == \
+               [to_record(i, url, expected[i]).__dict__ for i in sorted(w)], (layout, w)
+
+
+def test_a_table_that_does_not_describe_its_shard_is_not_trusted(tmp_path, monkeypatch):
+    url = _tar(tmp_path / "t.tar", _sample_members(6))
+    write_member_table(url)
+    table = Path(url + TABLE_SUFFIX).read_text()
+    # the same size, other names (a rewritten shard): the header check sends the read to the walk
+    _tar(tmp_path / "t.tar", [(n.replace("s", "r"), d) for n, d in _sample_members(6)])
+    Path(url + TABLE_SUFFIX).write_text(table)
+    assert read_member_table(url) is not None
+    assert read_shard(url, {1, 4}) == _read_samples(url, {1, 4}, quick=False)
+    assert read_shard(url, {1})[1]["key"] == "r001"
+    # more samples than the table knows, at the same size (tars grow by 10 KiB records)
+    _tar(tmp_path / "t.tar", _sample_members(7))
+    Path(url + TABLE_SUFFIX).write_text(table)
+    assert read_member_table(url) is not None  # the size matches
+    assert read_shard(url, {6})[6]["key"] == "s006"
+    # another size: the table is ignored outright
+    _tar(tmp_path / "t.tar", _sample_members(40))
+    assert read_member_table(url) is None
+    Path(url + TABLE_SUFFIX).write_text("{not json")
+    assert read_member_table(url) is None and read_shard(url, {39})[39]["key"] == "s039"
+
+
+def test_writers_leave_tables_that_readers_use(shards, tmp_path, monkeypatch):
+    from mimscale.data_pipeline.shards.wds_writer import index_shards
+
+    tars = sorted(Path(shards).parent.glob("*.tar"))
+    assert tars and all(Path(str(t) + TABLE_SUFFIX).is_file() for t in tars)
+    calls = []
+    monkeypatch.setattr("mimscale.data_pipeline.sources.wds.PlainTar",
+                        lambda *a: calls.append(a) or pytest.fail("walked a shard that has a table"))
+    records = list(TarShardSource(shards).read(np.arange(24)))
+    assert [r.error for r in records] == [None] * 24 and not calls
+    monkeypatch.undo()
+    copy = tmp_path / "copy.tar"
+    copy.write_bytes(tars[0].read_bytes())
+    index_shards([str(copy)], tmp_path / "index.json")
+    assert read_member_table(str(copy)) == read_member_table(str(tars[0]))

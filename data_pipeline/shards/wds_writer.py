@@ -4,7 +4,8 @@ A sample ``<key>`` is ``<key>.<ext>`` (the image), ``<key>.cls`` (its label, whe
 ``<key>.json`` (where it came from, or its generated objects). Shards ``<prefix>-000000.tar``, ...
 are at most ``max_bytes`` (a single larger sample gets a shard of its own) and ``max_count``
 samples. ``index.json`` lists every finished shard with its sample count and byte size (the
-webdataset indexed-dataset format), plus the job's parameters and how far it got.
+webdataset indexed-dataset format), plus the job's parameters and how far it got; next to each
+shard, ``<shard>.members.json`` records where each image starts (see ``sources/wds.py``).
 
 Resumable: a shard is written under a temporary name and renamed when complete, and the index is
 rewritten (atomically) after each one. An interrupted job, run again with the same arguments,
@@ -22,7 +23,13 @@ import tarfile
 from functools import partial
 from pathlib import Path
 
-from ..sources.wds import INDEX_NAME, count_samples, index_document, resolve_urls
+from ..sources.wds import (
+    INDEX_NAME,
+    count_samples,
+    index_document,
+    resolve_urls,
+    write_member_table,
+)
 from .common import parallel_map, progress_bar, write_json, write_order
 from .encode import encode_image
 
@@ -83,6 +90,7 @@ class _ShardWriter:
     def close(self) -> dict:
         self.tar.close()
         os.replace(self.tmp, self.path)
+        write_member_table(str(self.path))  # readers seek straight to the images (sources/wds.py)
         return {"url": self.path.name, "nsamples": self.count, "filesize": self.path.stat().st_size}
 
 
@@ -172,9 +180,11 @@ def index_shards(urls, out: str | os.PathLike, allow_pipe: bool = False) -> Path
     entries = []
     for s in shards:
         url = s if s.startswith("pipe:") else os.path.relpath(os.path.abspath(s), out.parent.resolve())
-        entry = {"url": url, "nsamples": count_samples(s)}
-        if not s.startswith("pipe:"):
-            entry["filesize"] = os.path.getsize(s)
+        if s.startswith("pipe:"):
+            entry = {"url": url, "nsamples": count_samples(s)}
+        else:  # the member table gives the count and lets readers seek straight to the images
+            entry = {"url": url, "nsamples": len(json.loads(write_member_table(s).read_text())["samples"]),
+                     "filesize": os.path.getsize(s)}
         entries.append(entry)
     write_json(out, index_document(entries))
     return out

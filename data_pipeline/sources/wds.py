@@ -5,7 +5,8 @@ of which shard each reader takes, which its pipeline (shard split, shuffle buffe
 Here a shard is a tar whose members are grouped into samples by key (``dir/name.ext`` -> key
 ``dir/name``, consecutive members with one key are one sample), sample ids come from per-shard
 counts (an index JSON, or a header scan at start), and ``read(ids)`` streams each shard once,
-keeping only the samples asked for.
+keeping only the samples asked for; where a shard has a member table (written with it), the
+reader seeks straight to the images it wants instead.
 
 URLs: local paths, brace patterns (``train-{000000..000127}.tar``, ``{a,b}``), globs, an index
 ``.json`` listing shards, and ``pipe:COMMAND`` (a shell command writing a tar to stdout), which is
@@ -334,6 +335,10 @@ def read_shard(url: str, wanted: set[int]) -> dict[int, dict]:
     are read again by tarfile, whose errors the messages keep.
     """
     if not url.startswith("pipe:"):
+        table = read_member_table(url)
+        if table is not None:
+            with contextlib.suppress(StaleTable):
+                return _read_by_table(url, table, wanted)
         with contextlib.suppress(NotPlain):
             return _read_samples(url, wanted, quick=True)
     return _read_samples(url, wanted, quick=False)
@@ -368,6 +373,109 @@ def _read_samples(url: str, wanted: set[int], quick: bool) -> dict[int, dict]:
 
 
 _KEEP = frozenset(IMAGE_EXTS + LABEL_EXTS)
+
+
+# --------------------------------------------------------------------------- member tables
+#
+# ``<shard>.members.json`` (written with the shards, or by ``mimscale shards index``) lists where each
+# sample's image starts and how long it is, and its label, so a reader seeks straight to the images
+# it wants instead of walking every header up to them (a .beton's offset table, for tars). It is
+# used only while the shard has the size it records, and each read checks the member's own header
+# name, so a table that no longer describes its shard is never trusted.
+
+TABLE_SUFFIX = ".members.json"
+TABLE_KIND = "mimscale-shard-members-v1"
+
+
+class StaleTable(Exception):
+    """A member table that does not describe its shard any more: the shard is walked instead."""
+
+
+def member_table(url: str) -> dict:
+    """The table of a local shard, from one pass over its headers (labels are read, images not).
+    A sample's image and label are the ones ``to_record`` would pick."""
+    try:
+        samples = _table_rows(url, quick=True)
+    except NotPlain:
+        samples = _table_rows(url, quick=False)
+    return {"__kind__": TABLE_KIND, "filesize": os.path.getsize(url),
+            "fields": ["key", "exts", "image_ext", "offset", "size", "label"], "samples": samples}
+
+
+def _table_rows(url: str, quick: bool) -> list:
+    rows: list[list] = []
+    found: list[dict] = []
+    with _open_tar(url, quick) as tar:
+        for index, key, ext, m in iter_members(tar):
+            if index == len(rows):
+                rows.append([key, [], None, 0, 0, None])
+                found.append({})
+            rows[index][1].append(ext)
+            if ext in _KEEP and ext not in found[index]:
+                found[index][ext] = (int(m.offset_data), int(m.size),
+                                     _read_member(tar, m) if ext in LABEL_EXTS else None)
+    for row, members in zip(rows, found):
+        image = next((e for e in IMAGE_EXTS if e in members), None)
+        if image is not None:
+            row[2:5] = [image, *members[image][:2]]
+        label = next((members[e][2] for e in LABEL_EXTS if e in members), None)
+        if label is not None:
+            with contextlib.suppress(ValueError):
+                row[5] = int(label.decode().strip())
+    return rows
+
+
+def write_member_table(url: str) -> Path:
+    path = Path(url + TABLE_SUFFIX)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(member_table(url), separators=(",", ":")))
+    os.replace(tmp, path)
+    return path
+
+
+def read_member_table(url: str) -> list | None:
+    """The samples of ``url``'s table, or None when there is none or it is not for this shard."""
+    path = url + TABLE_SUFFIX
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+        if doc.get("__kind__") != TABLE_KIND or doc.get("filesize") != os.path.getsize(url):
+            return None
+        return doc["samples"]
+    except (OSError, ValueError, AttributeError, KeyError):
+        return None
+
+
+def _check_header(url: str, head: bytes, name: str) -> None:
+    """The member header in front of an image names that image (ustar name and prefix; a name too
+    long for them, carried by a pax record, is not checked)."""
+    raw, prefix = _cstr(head[:100]), _cstr(head[345:500])
+    stored = f"{prefix}/{raw}" if prefix else raw
+    if len(head) < _BLOCK or (len(raw) < 99 and stored.lower() != name.lower()):
+        raise StaleTable(f"{url}: the table says {name}, the shard has {stored!r} there")
+
+
+def _read_by_table(url: str, table: list, wanted: set[int]) -> dict[int, dict]:
+    out: dict[int, dict] = {}
+    with open(url, "rb") as f:
+        for i in sorted(wanted):
+            if i >= len(table):  # the walk tells a truncated shard from an outdated table
+                raise StaleTable(f"{url}: sample {i} is not in its table of {len(table)}")
+            key, exts, ext, offset, size, label = table[i]
+            members = dict.fromkeys(exts)
+            if ext is not None:
+                f.seek(offset - _BLOCK)
+                block = f.read(_BLOCK + size)
+                _check_header(url, block[:_BLOCK], f"{key}.{ext}")
+                data = block[_BLOCK:]
+                if len(data) != size:
+                    out[i] = {"key": key, "error": "damaged shard while reading it: unexpected end of data"}
+                    continue
+                members[ext] = data
+            if label is not None:  # under the label member's own name, as to_record looks for it
+                members[next(e for e in LABEL_EXTS if e in members)] = str(label).encode()
+            out[i] = {"key": key, "members": members}
+    return out
 
 
 def _read_member(tar: tarfile.TarFile | PlainTar, m: tarfile.TarInfo | _Member) -> bytes:
