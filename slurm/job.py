@@ -50,7 +50,9 @@ class CommandJob(Checkpointable):
         try:
             code = dispatch(self.argv)
         except BaseException as e:  # SystemExit too: argparse errors end that way
-            if main and not (isinstance(e, SystemExit) and e.code in (0, None)):
+            # submitit requeueing from inside the command (a signal no train loop held) exits too
+            requeued = isinstance(e, SystemExit) and (book.last() or {}).get("event") == "requeued"
+            if main and not requeued and not (isinstance(e, SystemExit) and e.code in (0, None)):
                 book.record("failed", job_id=env.job_id, error=_last_line(e))
             raise
         finally:

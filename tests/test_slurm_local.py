@@ -146,3 +146,22 @@ def test_sweep_element_killed_then_resubmitted_alone(tmp_path, monkeypatch, caps
     assert sorted(_losses(victim)) == list(range(1, steps + 1))
     record = json.loads((out / "sweep.json").read_text())
     assert [len(s["job_ids"]) for s in record["submissions"]] == [3, 1]
+
+
+def test_a_signal_no_train_loop_holds_requeues_through_submitit(tmp_path, monkeypatch):
+    """A command without step-boundary checkpoints (here a benchmark) leaves the signal to
+    submitit's own handler, which requeues at once; the history shows a requeue, not a failure."""
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "bench"
+    assert main(["launch", "bench", "masking", "--model", "mae_vit_tiny_patch16", "--img-size", "32",
+                 "--batch", "2", "--rounds", "400", "--run-dir", str(run), "--cluster", "local"]) == 0
+    job = RunBook(run).job_ids()[0]
+    _wait(lambda: RunBook(run).last("started") is not None and len(_tasks(job)) == 1, "the job to start")
+    time.sleep(3)  # into the benchmark
+    os.kill(_tasks(job)[0], signal.SIGUSR2)
+    _wait(lambda: RunBook(run).attempts(job) == 2, "the requeued job to start")
+    os.kill(int(job), signal.SIGINT)  # cancel (as scancel would): the controller stops its task
+    _wait(lambda: _ended(run), "the cancelled job to end")
+    events = [e["event"] for e in RunBook(run).events()]
+    assert events[:4] == ["submitted", "started", "requeued", "started"], events
+    assert run_state(run).requeues == 1
