@@ -69,6 +69,28 @@ def _results(run: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text())["metrics"] for p in sorted((run / "results").glob("*.json"))}
 
 
+def assert_final_weights_close(reference: Path, run: Path) -> None:
+    """The final weights of ``run`` equal ``reference``'s within TOL (attention key biases left
+    out: see tests/test_distributed_backends.py)."""
+    a, b = _final(reference)["model"], _final(run)["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        if not key.endswith("attn.qkv.bias"):
+            torch.testing.assert_close(b[key], a[key], atol=TOL, rtol=0, msg=key)
+
+
+def assert_resumed_as_if_never_stopped(full_run: Path, resumed_run: Path) -> None:
+    """Steps 3-4 continued from the step-2 checkpoint equal the uninterrupted run, bit for bit."""
+    full, resumed = _losses(full_run), _losses(resumed_run)
+    assert sorted(resumed) == [3, 4]
+    assert all(resumed[s] == full[s] for s in resumed)  # the same sums in the same order
+    a, b = _final(full_run), _final(resumed_run)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert [h["eval_top1"] for h in b["history"]] == [h["eval_top1"] for h in a["history"]]
+    assert _results(resumed_run) == _results(full_run)
+
+
 def _final(run: Path, step: int = 4) -> dict:
     return read_state(run / "checkpoints" / f"step_{step:08d}")
 
@@ -93,24 +115,13 @@ def test_fsdp_finetuning_matches_ddp_step_by_step(runs):
     ddp_results, fsdp_results = _results(runs / "ddp"), _results(runs / "fsdp")
     assert set(fsdp_results) == {"synthetic_finetune", "synthetic_finetune+occlude50", "synthetic_finetune+shuffle"}
     assert fsdp_results == ddp_results and fsdp_results["synthetic_finetune"]["n"] == 9
-    a, b = _final(runs / "ddp")["model"], _final(runs / "fsdp")["model"]
-    assert a.keys() == b.keys()
-    for key in a:
-        if not key.endswith("attn.qkv.bias"):
-            torch.testing.assert_close(b[key], a[key], atol=TOL, rtol=0, msg=key)
+    assert_final_weights_close(runs / "ddp", runs / "fsdp")
 
 
 def test_fsdp_checkpoints_are_sharded_and_resume_as_if_never_stopped(runs):
     folder = runs / "fsdp" / "checkpoints" / "step_00000002"
     assert (folder / "dcp" / ".metadata").is_file() and _final(runs / "fsdp", 2)["train_state"] == "dcp"
-    full, resumed = _losses(runs / "fsdp"), _losses(runs / "resumed")
-    assert sorted(resumed) == [3, 4]
-    assert all(resumed[s] == full[s] for s in resumed)  # the same sums in the same order: bit for bit
-    a, b = _final(runs / "fsdp"), _final(runs / "resumed")
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    assert [h["eval_top1"] for h in b["history"]] == [h["eval_top1"] for h in a["history"]]
-    assert _results(runs / "resumed") == _results(runs / "fsdp")
+    assert_resumed_as_if_never_stopped(runs / "fsdp", runs / "resumed")
 
 
 def test_fsdp_export_loads_in_one_process_and_evaluates_alike(runs, tmp_path, monkeypatch):
