@@ -39,6 +39,12 @@ def test_bench_data_tiny(tmp_path, capsys):
     assert all(len(v) == 2 and min(v) > 0 for v in result["images_per_s"].values())
     assert "| CPU ms/image |" in out and "CPU per image ffcv / wds = " in out
     assert all(len(v) == 2 and min(v) > 0 for v in result["cpu_ms_per_image"].values())
+    # the paired statistic: the median of the two rounds' own wds / other ratios
+    speeds = result["images_per_s"]
+    for row in ("torchvision", "imagefolder", "ffcv"):
+        want = sum(w / o for w, o in zip(speeds["wds"], speeds[row])) / 2
+        assert result["wds_paired_ratio"][row] == pytest.approx(want)
+    assert "per round: median " in out and " of 2" in out
 
 
 def test_cpu_time_counts_live_children():
