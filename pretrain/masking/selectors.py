@@ -65,7 +65,12 @@ def block_mask(batch: int, grid: tuple[int, int], counts: torch.Tensor | int, ge
                attempts: int = 64) -> torch.Tensor:
     """BEiT block-wise masking: rectangles of ≥ ``min_patches`` patches with aspect ratio in
     ``[min_aspect, 1/min_aspect]``, added while they fit the count, then trimmed or topped up at
-    random to exactly the count. Each attempt places one candidate block in every image at once."""
+    random to exactly the count. Each attempt places one candidate block in every image at once.
+
+    The attempts run where the generator's numbers are drawn (the CPU by default) and only the
+    finished mask moves to ``device``: on a GPU, dozens of attempts of tiny kernels, each ending in
+    a host sync, cost more than a ViT-L step's fifth, and the mask is the same on every device."""
+    out_device, device = device, (generator.device if generator is not None else device)
     gh, gw = grid
     n = gh * gw
     counts = _as_counts(counts, torch.empty(batch, n, device=device))
@@ -92,7 +97,7 @@ def block_mask(batch: int, grid: tuple[int, int], counts: torch.Tensor | int, ge
         accept = (remaining > 0) & (new > 0) & (new <= remaining)
         mask |= rect & accept.view(-1, 1, 1)
     keys = mask.flatten(1).float() * 2 + _uniform((batch, n), generator, device)
-    return mask_from_keys(keys, counts)
+    return mask_from_keys(keys, counts).to(out_device)
 
 
 def select(name: str, scores: torch.Tensor | None, counts: torch.Tensor, generator=None, *,
