@@ -131,8 +131,8 @@ def test_commands_on_synthetic_images(area, pretrained, monkeypatch):
     subset = (ft / "subset.txt").read_text().splitlines()
     assert len(subset) == 1 + want and subset[0].startswith("# synthetic train: 0.25 per class, seed 0")
     assert main([*base, "schedule.max_steps=4", "resume=auto"]) == 0  # continues inside the epoch
-    steps = [r["step"] for r in read_metrics(ft / "metrics.jsonl") if "loss" in r]
-    assert steps == [1, 2, 3, 4]
+    records = [r for r in read_metrics(ft / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and all(r["data_wait_ms"] >= 0 for r in records)
     straight = runs / "ft_straight"  # the same run, never stopped: the same weights
     assert main([*base[:-1], f"output.dir={straight}", "schedule.max_steps=4"]) == 0
     a, b = (torch.load(r / "checkpoints" / "step_00000004" / "state.pt", weights_only=True) for r in (ft, straight))

@@ -39,6 +39,7 @@ def test_detect_learns_boxes_and_masks_on_held_out_images(tiny_mae_checkpoint, s
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < losses[0]
+    assert all(r["data_wait_ms"] >= 0 for r in records if "loss" in r)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000100", "step_00000200"]
     # the checkpoint holds the fine-tuned model: evaluating it again gives the same numbers
     assert main(["detect", *TINY_DETECT, f"backbone.checkpoint={tiny_mae_checkpoint}", f"data.root={synthetic_coco}",

@@ -2,6 +2,7 @@
 
 import math
 import shutil
+import time
 
 import pytest
 import timm
@@ -9,6 +10,7 @@ import torch
 
 from mimscale.config import from_dict
 from mimscale.pretrain.engine.checkpoint import load_checkpoint
+from mimscale.pretrain.engine.data_wait import DataWait
 from mimscale.pretrain.engine.logger import read_metrics
 from mimscale.pretrain.engine.optim import param_groups
 from mimscale.pretrain.engine.schedule import cosine_lr, scaled_lr
@@ -64,6 +66,44 @@ def test_run_writes_everything(tiny_config, tmp_path):
     model.load_state_dict(state["model"], strict=True)  # official MAE layout
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8)
     vit.load_state_dict(to_timm_state_dict(model), strict=True)
+
+
+class _SlowBatches:
+    """The trainer's data with every batch delayed: a loader slower than the model."""
+
+    def __init__(self, data, delay: float):
+        self.data, self.delay = data, delay
+
+    def __iter__(self):
+        for batch in self.data:
+            time.sleep(self.delay)
+            yield batch
+
+    def __getattr__(self, name):
+        return getattr(self.data, name)
+
+
+def test_data_wait_counts_blocked_fetches_per_step():
+    wait = DataWait()
+    items = list(wait.iterate(_SlowBatches([1, 2, 3], 0.05)))
+    assert items == [1, 2, 3] and wait.seconds >= 0.15
+    for _ in range(3):
+        wait.step()
+    assert 50 <= wait.flush_ms() < 50 + 200  # the mean over the window's three steps
+    assert wait.flush_ms() == 0 and wait.steps == 0  # a new window
+
+
+def test_data_wait_is_logged(tiny_config, tmp_path):
+    """``data_wait_ms`` is the time a step spent waiting for its batch: a slow loader shows."""
+    fast = Trainer(tiny_config("schedule.max_steps=2", "output.dir=" + str(tmp_path / "fast")))
+    fast.fit()
+    slow = Trainer(tiny_config("schedule.max_steps=2", "output.dir=" + str(tmp_path / "slow")))
+    slow.data = _SlowBatches(slow.data, 0.25)
+    slow.fit()
+    waits = {name: [r["data_wait_ms"] for r in read_metrics(tmp_path / name / "metrics.jsonl")]
+             for name in ("fast", "slow")}
+    assert all(w >= 250 for w in waits["slow"]), waits
+    assert all(0 <= w < 200 for w in waits["fast"]), waits
 
 
 def test_resume_equals_uninterrupted(tiny_config, tmp_path):

@@ -30,6 +30,7 @@ from mimscale.data_pipeline.loader import EpochSampler
 from mimscale.data_pipeline.plan import mix_seed
 from mimscale.pretrain.engine.backend import Backend
 from mimscale.pretrain.engine.checkpoint import CheckpointManager, read_state, resolve_resume
+from mimscale.pretrain.engine.data_wait import DataWait
 from mimscale.pretrain.engine.guard import NumericsGuard, poison_nonfinite
 from mimscale.pretrain.engine.logger import RunLogger
 from mimscale.pretrain.engine.preemption import PreemptionHandler
@@ -249,7 +250,7 @@ class _Trainer:
     def fit(self, logger: RunLogger, preemption: PreemptionHandler) -> FitResult:
         cfg, accum = self.cfg, self.cfg.optim.accum_steps
         metrics = ema_metrics = None
-        window, tick, window_images = [], time.perf_counter(), 0
+        window, tick, window_images, wait = [], time.perf_counter(), 0, DataWait()
         self.model.train()
         while self.step < self.total:
             epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
@@ -257,12 +258,13 @@ class _Trainer:
             for _ in range(in_epoch, self.steps_per_epoch):
                 lr = cosine_lr(self.step, self.lr, self.total, self.warmup, cfg.optim.min_lr)
                 self.backend.set_lr(lr)
-                loss = sum(self._micro(*next(batches), sync=m == accum - 1) for m in range(accum)) / accum
+                loss = sum(self._micro(*wait.next(batches), sync=m == accum - 1) for m in range(accum)) / accum
                 grad_norm = float(self.backend.step(cfg.optim.clip_grad))
                 finite = math.isfinite(grad_norm)
                 if finite and self.ema is not None:
                     self.ema.update(self.backend.module, step=self.step)
                 self.step += 1
+                wait.step()
                 self.guard.record(self.step, finite)
                 if finite:
                     window.append(loss)
@@ -277,6 +279,7 @@ class _Trainer:
                                            "lr": lr,
                                            "grad_norm": grad_norm if finite else None,
                                            "images_per_s": window_images / elapsed,
+                                           "data_wait_ms": wait.flush_ms(),
                                            "skipped_steps": self.guard.skipped})
                     window, tick, window_images = [], time.perf_counter(), 0
                 else:

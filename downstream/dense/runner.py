@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from mimscale.config import to_dict, to_yaml
 from mimscale.pretrain.engine.backend import DDPBackend, DistEnv, build_backend, init_distributed
 from mimscale.pretrain.engine.checkpoint import CheckpointManager, load_checkpoint, resolve_resume
+from mimscale.pretrain.engine.data_wait import DataWait
 from mimscale.pretrain.engine.logger import RunLogger
 from mimscale.pretrain.engine.rng import seed_everything
 
@@ -150,11 +151,11 @@ def _train(task, model, backend: DDPBackend, env: DistEnv, checkpoints: Checkpoi
     it, losses, ckpt = start, [], None
     window: dict[str, float] = {}
     model.train()
-    tick = time.time()
+    tick, wait = time.time(), DataWait()
     while it < total:
         epoch, offset = divmod(it, ipe)
         sampler.set_position(epoch, offset)
-        for data in loader:
+        for data in wait.iterate(loader):
             backend.set_lr(cfg.optim.lr * task.lr_factor(it, total, ipe))
             with backend.autocast():
                 terms = task.loss(model, data, backend.device)
@@ -162,6 +163,7 @@ def _train(task, model, backend: DDPBackend, env: DistEnv, checkpoints: Checkpoi
             loss.backward()
             grad_norm = backend.step(cfg.optim.clip_grad)
             it += 1
+            wait.step()
             for k, v in terms.items():
                 window[k] = window.get(k, 0.0) + float(v.detach())
             if it % cfg.output.log_every == 0 or it == total:
@@ -169,7 +171,7 @@ def _train(task, model, backend: DDPBackend, env: DistEnv, checkpoints: Checkpoi
                 means = {k: v / n for k, v in window.items()}
                 record = {"epoch": it / ipe, "loss": sum(means.values()), **means,
                           "lr": backend.optimizer.param_groups[-1]["lr"], "grad_norm": float(grad_norm),
-                          "iters_per_s": n / max(time.time() - tick, 1e-9)}
+                          "iters_per_s": n / max(time.time() - tick, 1e-9), "data_wait_ms": wait.flush_ms()}
                 if not math.isfinite(record["loss"]):
                     raise FloatingPointError(f"{task.name}: loss is {record['loss']} at iteration {it}; "
                                              "lower optim.lr or set optim.clip_grad")

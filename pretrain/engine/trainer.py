@@ -24,6 +24,7 @@ from mimscale.pretrain.method import MIMMethod
 
 from .backend import build_backend, init_distributed
 from .checkpoint import CheckpointManager, read_state, resolve_resume
+from .data_wait import DataWait
 from .figures import reconstruction_grid
 from .guard import NumericsGuard, poison_nonfinite
 from .logger import RunLogger
@@ -176,7 +177,7 @@ class Trainer:
         accum = cfg.optim.accum_steps
         data_iter = iter(self.data)
         losses: list[tuple[int, float]] = []
-        window = _Window()
+        window, wait = _Window(), DataWait()
         start, start_step = time.perf_counter(), self.step
         report_at = start_step + min(cfg.engine.memory_report_steps, self.total_steps - start_step)
         stopped_by = None
@@ -189,7 +190,7 @@ class Trainer:
             epoch = self.data.state_dict()["epoch"]
             step_terms: dict[str, torch.Tensor] = {}
             for micro in range(accum):
-                images, out = self._micro_step(next(data_iter), generator, micro == accum - 1)
+                images, out = self._micro_step(wait.next(data_iter), generator, micro == accum - 1)
                 for k, v in {"loss": out.loss, **out.terms}.items():
                     v = v.detach().float()
                     step_terms[k] = step_terms[k] + v if k in step_terms else v
@@ -201,6 +202,7 @@ class Trainer:
                 window.add({k: v / accum for k, v in step_terms.items()},
                            images.shape[0] * accum * self.env.world_size)
             self.step += 1
+            wait.step()
             self.guard.record(self.step, finite)
 
             if cfg.engine.memory_report_steps and self.step == report_at:
@@ -209,7 +211,7 @@ class Trainer:
                 means, images_per_s = window.flush()
                 metrics = {"epoch": epoch, **means, "lr": self.optimizer.param_groups[0]["lr"],
                            "grad_norm": grad_norm if finite else None, "images_per_s": images_per_s,
-                           "skipped_steps": self.guard.skipped}
+                           "data_wait_ms": wait.flush_ms(), "skipped_steps": self.guard.skipped}
                 self.logger.log(self.step, metrics)
                 if "loss" in means:
                     losses.append((self.step, means["loss"]))

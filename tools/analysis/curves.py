@@ -28,6 +28,7 @@ PANELS: tuple[tuple[str, str], ...] = (  # (title, key pattern); the first match
     ("learning rate", r"^lr$"),
     ("throughput (images/s)", r"^images_per_s$"),
     ("mask time (ms)", r"^mask_time_ms$"),
+    ("wait for data per step (ms)", r"^data_wait_ms$"),
     ("gradient norm", r"^grad_norm$"),
 )
 X_AXES = ("step", "time")
