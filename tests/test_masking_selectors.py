@@ -1,6 +1,7 @@
 """SPEC §1 selectors: exact counts, reproducibility, ties, noise range, sampling law, block shapes."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -117,6 +118,48 @@ def test_block_masks_are_blocky():
     # a request of 16 patches is about one rectangle (a 4x4 block has 3 hidden neighbours per patch)
     one = block_mask(32, (14, 14), torch.full((32,), 16), gen(10)).view(32, 14, 14)
     assert sum(_neighbours(x) for x in one) / 32 > 2.3
+
+
+def _block_reference(counts, grid, seed, min_patches=16, min_aspect=0.3, attempts=64):
+    """BEiT's rule written out image by image, attempt by attempt, with the same random draws."""
+    g = gen(seed)
+    batch, (gh, gw) = len(counts), grid
+    draws = torch.rand(attempts, 4, batch, generator=g).double()
+    tail = torch.rand(batch, gh * gw, generator=g)
+    lo, hi = math.log(min_aspect), math.log(1 / min_aspect)
+    out = []
+    for b in range(batch):
+        hidden = set()
+        for a in range(attempts):
+            u0, u1, u2, u3 = (float(draws[a, j, b]) for j in range(4))
+            left_to_hide = counts[b] - len(hidden)
+            if left_to_hide <= 0:
+                continue
+            low = min(left_to_hide, min_patches)
+            area = low + u0 * (left_to_hide - low)
+            aspect = math.exp(lo + u1 * (hi - lo))
+            h = min(max(round(math.sqrt(area * aspect)), 1), gh)
+            w = min(max(round(math.sqrt(area / aspect)), 1), gw)
+            top, left = int(u2 * (gh - h + 1)), int(u3 * (gw - w + 1))
+            rect = {r * gw + c for r in range(top, top + h) for c in range(left, left + w)}
+            if 0 < len(rect - hidden) <= left_to_hide:
+                hidden |= rect
+        # trimmed or topped up at random: the block patches first, then by a random key, ties by index
+        key = (torch.tensor([float(i in hidden) for i in range(gh * gw)]) * 2 + tail[b]).tolist()  # float32
+        keys = [(key[i], -i) for i in range(gh * gw)]
+        chosen = {-j for _, j in sorted(keys, reverse=True)[:counts[b]]}
+        out.append([i in chosen for i in range(gh * gw)])
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("batch, grid", [(1, (14, 14)), (7, (14, 14)), (5, (8, 12))])
+def test_block_mask_matches_a_per_image_reference(batch, grid):
+    n = grid[0] * grid[1]
+    for seed, counts in enumerate([[int(0.75 * n)] * batch, [0] * batch, [n - 1] * batch, [1] * batch,
+                                   [(17 * i + 5) % n for i in range(batch)]]):
+        got = block_mask(batch, grid, torch.tensor(counts), gen(seed))
+        assert got.sum(1).tolist() == counts
+        assert torch.equal(got, _block_reference(counts, grid, seed)), (seed, counts)
 
 
 def test_mask_from_keys_with_infinities():
