@@ -70,14 +70,16 @@ def build_views(cfg_data, img_size: int):
     return mae_views(img_size, tuple(cfg_data.crop_scale), cfg_data.hflip)
 
 
-def build_pretrain_data(cfg_data, img_size: int, seed: int, rank: int = 0, world_size: int = 1):
-    """A resumable, exactly-once loader of augmented views for ``cfg_data`` (``loader.PretrainLoader``)."""
+def build_pretrain_data(cfg_data, img_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                        device="cpu"):
+    """A resumable, exactly-once loader of augmented views for ``cfg_data`` (``loader.PretrainLoader``),
+    delivering normalised batches on ``device``."""
     from .loader import PretrainLoader
 
     return PretrainLoader(build_source(cfg_data, rank, world_size), build_views(cfg_data, img_size),
                           cfg_data.batch_size, seed, cfg_data.num_workers, rank, world_size,
                           remainder=cfg_data.remainder, max_bad_fraction=cfg_data.max_bad_fraction,
-                          fast_decode=cfg_data.fast_decode)
+                          fast_decode=cfg_data.fast_decode, device=device)
 
 
 def _on_rank0(fn, rank: int, world_size: int):

@@ -24,9 +24,9 @@ from mimscale.data_pipeline.sources.wds import (
     to_record,
     write_member_table,
 )
-from mimscale.data_pipeline.synthetic import write_shards
+from mimscale.data_pipeline.synthetic import write_imagefolder, write_shards
 from mimscale.data_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
-from mimscale.data_pipeline.views import mae_views, normalize_uint8
+from mimscale.data_pipeline.views import mae_views, normalize_uint8, normalize_uint8_on
 
 
 def _tar(path, members, fmt=tarfile.PAX_FORMAT, mtime=0):
@@ -133,6 +133,22 @@ def test_normalize_batch_equals_the_equation():
         assert torch.allclose(normalize_uint8(src).double(), expected, atol=1e-5)
     out = _host_batch(x.shape)
     assert normalize_uint8(x, out) is out
+    # the device path (a GPU in training) does the host's operations in its order: the same floats
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert torch.equal(normalize_uint8_on(x, device).cpu(), normalize_uint8(x))
+
+
+def test_loader_delivers_batches_on_its_device(tmp_path):
+    """Batches arrive normalised on the loader's device, equal to the host's normalisation."""
+    from mimscale.data_pipeline.sources.imagefolder import ImageFolderSource
+
+    root = write_imagefolder(tmp_path / "imgs", 8, size=40)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    host, there = (PretrainLoader(ImageFolderSource(root), mae_views(32), 4, device=d)
+                   for d in ("cpu", device))
+    a, b = next(iter(host)), next(iter(there))
+    assert b["images"].device.type == device.type and b["images"].dtype == torch.float32
+    assert torch.equal(a["images"], b["images"].cpu()) and torch.equal(a["index"], b["index"])
 
 
 @pytest.fixture(scope="module")

@@ -66,7 +66,7 @@ class Trainer:
         self.backend.wrap(MIMMethod(cfg))
         self.method: MIMMethod = self.backend.module
         self.data = build_pretrain_data(cfg.data, cfg.model.img_size, cfg.engine.seed,
-                                        self.env.rank, self.env.world_size)
+                                        self.env.rank, self.env.world_size, self.backend.device)
         seed_everything(cfg.engine.seed + self.env.rank)  # per-rank stream for drop path etc.
 
         accum = cfg.optim.accum_steps
