@@ -52,6 +52,22 @@ def test_select_head_finds_the_attending_block(attending_pth, capsys):
     assert best > 0.75, text
 
 
+def test_tools_take_a_run_folder(tiny_overrides, tmp_path, capsys):
+    """A run folder means its newest complete checkpoint, as for `mimscale analyze`."""
+    assert main(["pretrain", *tiny_overrides, "schedule.max_steps=2"]) == 0
+    run = tmp_path / "run"
+    out = tmp_path / "m.png"
+    assert main(["visualize", "masks", "--checkpoint", str(run), "--num", "2", "--strategies", "random,sbam",
+                 "--out", str(out)]) == 0
+    assert f"from {run}" in capsys.readouterr().out and out.exists()
+    assert main(["select-head", "--checkpoint", str(run / "checkpoints"), "--num-images", "4"]) == 0
+    assert "best: block " in capsys.readouterr().out
+    empty = tmp_path / "empty" / "checkpoints" / "step_00000001"
+    empty.mkdir(parents=True)  # a checkpoint interrupted while being written
+    assert main(["select-head", "--checkpoint", str(tmp_path / "empty"), "--num-images", "4"]) == 2
+    assert "holds no complete checkpoint" in capsys.readouterr().err
+
+
 def test_bench_masking_prints_ratios(capsys):
     assert main(["bench", "masking", "--model", "mae_vit_tiny_patch16", "--img-size", "32", "--batch", "2",
                  "--rounds", "1"]) == 0

@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import functools
+import sys
 from pathlib import Path
 
 import torch
 
 from mimscale.config import Config, apply_overrides, from_dict, load_config
 from mimscale.data_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+from .analysis.output import AnalysisError
+
+
+def reported(handler):
+    """A command handler whose bad input (an ``AnalysisError``: a checkpoint or image folder it
+    cannot use) ends with the reason on stderr and exit code 2, not a traceback."""
+    @functools.wraps(handler)
+    def run(args) -> int:
+        try:
+            return handler(args)
+        except AnalysisError as e:
+            print(f"mimscale: {e}", file=sys.stderr)
+            return 2
+    return run
 
 
 def config_for(checkpoint: str | None, overrides: list[str]) -> Config:
@@ -16,28 +33,35 @@ def config_for(checkpoint: str | None, overrides: list[str]) -> Config:
     Tools score images rather than train, so a missing data root is not an error here.
     """
     base = ["data.source=synthetic"]
-    if checkpoint and _is_mimscale(checkpoint):
+    folder = _mimscale_folder(checkpoint)
+    if folder is not None:
         from mimscale.pretrain.engine.checkpoint import load_checkpoint
 
-        return apply_overrides(from_dict(load_checkpoint(checkpoint)["config"]), base + list(overrides))
+        return apply_overrides(from_dict(load_checkpoint(folder)["config"]), base + list(overrides))
     return load_config(base + list(overrides))
 
 
-def _is_mimscale(path: str) -> bool:
-    p = Path(path)
-    return p.is_dir() or p.name == "state.pt"
+def _mimscale_folder(checkpoint: str | None) -> Path | None:
+    """The complete checkpoint a path names (a run folder means its newest), or None when the path
+    is not a mimscale checkpoint: the same rule as ``mimscale analyze`` and the classifiers."""
+    if not checkpoint:
+        return None
+    from .analysis.encoders import resolve_mimscale
+
+    return resolve_mimscale(Path(checkpoint))
 
 
 @torch.no_grad()
 def load_student_weights(model: torch.nn.Module, checkpoint: str | None) -> None:
-    """Student weights from a mimscale checkpoint folder or an official MAE ``.pth`` (in place)."""
+    """Student weights (in place) from any checkpoint ``mimscale analyze`` reads: a mimscale run,
+    checkpoint folder or ``state.pt``, an official MAE ``.pth``, a timm state dict."""
     if not checkpoint:
         return
-    from mimscale.pretrain.engine.checkpoint import load_checkpoint
     from mimscale.pretrain.models import load_mae_checkpoint
 
-    state = load_checkpoint(checkpoint)["model"] if _is_mimscale(checkpoint) else checkpoint
-    load_mae_checkpoint(model, state)
+    from .analysis.encoders import read_weights
+
+    load_mae_checkpoint(model, read_weights(Path(checkpoint))[0])
 
 
 def normalize(image_uint8) -> torch.Tensor:

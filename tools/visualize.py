@@ -14,7 +14,7 @@ import torch
 
 from mimscale.config import STRATEGIES, apply_overrides
 
-from .common import config_for, load_student_weights, synthetic_with_foreground
+from .common import config_for, load_student_weights, reported, synthetic_with_foreground
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,7 +32,7 @@ def register(sub) -> None:
     vsub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
     m = vsub.add_parser("masks", help="per strategy: score heatmap and mask, as a PNG grid")
     add_arguments(m)
-    m.set_defaults(func=run)
+    m.set_defaults(func=reported(run))
 
 
 def _load_images(folder: str | None, num: int, size: int, patch: int, seed: int) -> torch.Tensor:
