@@ -52,6 +52,10 @@ def _entry(rank, fn, world, port, args):
     import torch.distributed as dist
 
     if dist.is_initialized():
+        # Tear down together: rank 0 hosts the TCP store, and a rank that is still using the group
+        # when rank 0 has left can abort in a C++ thread ("terminate called without an active
+        # exception"), failing a job whose work was done.
+        dist.barrier()
         dist.destroy_process_group()
 
 
