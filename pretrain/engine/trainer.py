@@ -67,6 +67,7 @@ class Trainer:
         self.method: MIMMethod = self.backend.module
         self.data = build_pretrain_data(cfg.data, cfg.model.img_size, cfg.engine.seed,
                                         self.env.rank, self.env.world_size, self.backend.device)
+        self._batches: _OneAhead | None = None  # the loader as the running loop reads it
         seed_everything(cfg.engine.seed + self.env.rank)  # per-rank stream for drop path etc.
 
         accum = cfg.optim.accum_steps
@@ -111,8 +112,8 @@ class Trainer:
             "backend": self.backend.name,
             "world_size": self.env.world_size,
             "step": self.step,
-            "data": self.data.state_dict(),
-            "data_per_rank": self.backend.all_gather_object(self.data.state_dict()),  # skips differ
+            "data": self._data_position(),
+            "data_per_rank": self.backend.all_gather_object(self._data_position()),  # skips differ
             "rng": self.backend.all_gather_object(rng_state()),
             "rank_state": self.backend.all_gather_object(_to_cpu(rank_local_state(self.method))),
             "guard": self.guard.state_dict(),
@@ -120,6 +121,10 @@ class Trainer:
             "effective_batch": self.effective_batch,
             "lr": self.lr,
         }
+
+    def _data_position(self) -> dict:
+        """The loader's position after the batches consumed so far (a batch fetched ahead is not)."""
+        return self._batches.position if self._batches is not None else self.data.state_dict()
 
     def save_checkpoint(self) -> Path:
         """An atomic checkpoint of this step. Collective: every rank writes its shards into the
@@ -175,7 +180,7 @@ class Trainer:
     def _fit(self, preemption: PreemptionHandler) -> RunSummary:
         cfg = self.cfg
         accum = cfg.optim.accum_steps
-        data_iter = iter(self.data)
+        self._batches = batches = _OneAhead(self.data)
         losses: list[tuple[int, float]] = []
         window, wait = _Window(), DataWait()
         start, start_step = time.perf_counter(), self.step
@@ -187,10 +192,13 @@ class Trainer:
             self.backend.set_lr(cosine_lr(self.step, self.lr, self.total_steps, self.warmup_steps, cfg.optim.min_lr))
             generator = step_generator(cfg.engine.seed, self.step, self.env.rank)
             self.method.set_progress(self.step, self.total_steps, self.steps_per_epoch)
-            epoch = self.data.state_dict()["epoch"]
+            epoch = batches.position["epoch"]
             step_terms: dict[str, torch.Tensor] = {}
             for micro in range(accum):
-                images, out = self._micro_step(wait.next(data_iter), generator, micro == accum - 1)
+                last = micro == accum - 1
+                images, out = self._micro_step(batches.next(wait), generator, last)
+                if last and self.step + 1 < self.total_steps:
+                    batches.fetch(wait)  # while the device still runs this step's backward pass
                 for k, v in {"loss": out.loss, **out.terms}.items():
                     v = v.detach().float()
                     step_terms[k] = step_terms[k] + v if k in step_terms else v
@@ -275,6 +283,28 @@ def _to_cpu(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_cpu(v) for v in obj)
     return obj
+
+
+class _OneAhead:
+    """The loader, read one batch ahead on request. Why: the trainer reads the gradient norm on
+    the host right after the backward pass is queued, and then the device idles until the next
+    batch is fetched and queued; fetching it before that read hides the fetch behind the backward
+    pass. ``position`` is the loader's state after the batches handed out so far, which is what a
+    checkpoint records: a batch fetched ahead is read again after a resume."""
+
+    def __init__(self, loader):
+        self.loader, self.batches = loader, iter(loader)
+        self.position = loader.state_dict()
+        self.ahead: tuple[dict, dict] | None = None
+
+    def fetch(self, wait: DataWait) -> None:
+        if self.ahead is None:
+            self.ahead = (wait.next(self.batches), self.loader.state_dict())
+
+    def next(self, wait: DataWait) -> dict:
+        self.fetch(wait)
+        (batch, self.position), self.ahead = self.ahead, None
+        return batch
 
 
 class _Window:
