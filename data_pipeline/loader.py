@@ -204,11 +204,11 @@ def _worker_init(_worker_id: int) -> None:
 class PretrainLoader:
     """Infinite iterator of batches across epochs, from any source (see ``sources/base.py``).
 
-    A batch: ``images`` float32 ``[B, 3, S, S]`` normalised, on ``device`` (the first view); ``views`` (the list
-    of all views, when there are several); ``boxes`` ``[B, V, 4]`` crop boxes ``(x0, y0, x1, y1)``
-    in original pixels; ``flips`` ``[B, V]``; ``sizes`` ``[B, 2]`` original ``(height, width)``;
-    ``index`` ``[B]`` sample ids (a stand-in's id where a sample was bad); ``labels`` ``[B]``
-    (-1 if unknown); ``epoch``, ``batch`` (in the epoch) and ``worker``.
+    A batch: ``images`` float32 ``[B, 3, S, S]`` normalised, on ``device`` (the first view);
+    ``views`` (the list of all views, when there are several); ``boxes`` ``[B, V, 4]`` crop boxes
+    ``(x0, y0, x1, y1)`` in original pixels; ``flips`` ``[B, V]``; ``sizes`` ``[B, 2]`` original
+    ``(height, width)``; ``index`` ``[B]`` sample ids (a stand-in's id where a sample was bad);
+    ``labels`` ``[B]`` (-1 if unknown); ``epoch``, ``batch`` (in the epoch) and ``worker``.
 
     Every rank yields ``steps_per_epoch`` full batches per epoch. ``state_dict()`` is the position
     of the next batch; after ``load_state_dict`` the next (or current) iteration continues from

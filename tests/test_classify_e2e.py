@@ -158,6 +158,8 @@ def test_commands_on_synthetic_images(area, pretrained, monkeypatch):
                  f"output.dir={runs / 'ft_file'}"]) == 0
     assert _result(runs / "ft_file", "synthetic@subset_finetune")["subset_size"] == want
     assert read_subset_file(ft / "subset.txt", train.keys) == draw_per_class(train.labels, 0.25, seed=0)
+    copied = (runs / "ft_file" / "subset.txt").read_text().splitlines()  # the run keeps what it used
+    assert copied[0].startswith(f"# synthetic train: from {ft / 'subset.txt'}, {want} of ") and copied[1:] == subset[1:]
 
     # linear probe through the frozen encoder with MAE's augmentation (no cached features), mean pool
     assert main(["linprobe", f"checkpoint={pretrained}", *data, "data.batch_size=16", "model.pool=mean",

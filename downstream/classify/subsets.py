@@ -75,15 +75,17 @@ def write_subset_file(path: str | os.PathLike, keys: list[str], indices: list[in
 
 def training_subset(dataset: LabeledImages, fraction: float | None, file: str | None, seed: int,
                     save_to: str | os.PathLike | None) -> LabeledImages:
-    """``dataset`` restricted to the subset a file names or a seeded per-class draw; the draw is
-    saved to ``save_to`` (when given)."""
+    """``dataset`` restricted to the subset a file names or a seeded per-class draw. Either way the
+    samples used are saved to ``save_to`` (when given), as paths relative to the data set root, so
+    the run folder holds its own subset even when the file it came from changes or goes."""
     if file:
-        return dataset.subset(read_subset_file(file, dataset.keys))
-    if fraction is None:
+        indices = read_subset_file(file, dataset.keys)
+        note = f"{dataset.name} {dataset.split}: from {file}"
+    elif fraction is None:
         return dataset
-    indices = draw_per_class(dataset.labels, fraction, seed)
+    else:
+        indices = draw_per_class(dataset.labels, fraction, seed)
+        note = f"{dataset.name} {dataset.split}: {fraction:g} per class, seed {seed}"
     if save_to is not None:
-        write_subset_file(save_to, dataset.keys, indices,
-                          f"{dataset.name} {dataset.split}: {fraction:g} per class, seed {seed}, "
-                          f"{len(indices)} of {len(dataset)} samples")
+        write_subset_file(save_to, dataset.keys, indices, f"{note}, {len(indices)} of {len(dataset)} samples")
     return dataset.subset(indices)
