@@ -45,6 +45,54 @@ def test_imagenet_imagefolder(tmp_path):
         build_dataset("imagenet", tmp_path, "test")
 
 
+def _imagenet_train(root):
+    for c in ("n01", "n02"):
+        _img(root / "train" / c / f"{c}_0.JPEG")
+
+
+def test_imagenet_flat_val_with_the_devkit(tmp_path):
+    """val/ as distributed (one folder), labelled by the devkit's ground truth and meta.mat."""
+    need("scipy")
+    from scipy.io import savemat
+    _imagenet_train(tmp_path)
+    for n in (1, 2, 3):
+        _img(tmp_path / "val" / f"ILSVRC2012_val_{n:08d}.JPEG", 40 * n)
+    data = tmp_path / "ILSVRC2012_devkit_t12" / "data"
+    data.mkdir(parents=True)
+    (data / "ILSVRC2012_validation_ground_truth.txt").write_text("2\n1\n2\n")
+    synsets = np.zeros(3, dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("num_children", "O")])
+    synsets[:] = [(1, "n02", 0), (2, "n01", 0), (1001, "n99", 2)]  # ids are not the class order
+    savemat(data / "meta.mat", {"synsets": synsets})
+    val = build_dataset("imagenet", tmp_path, "val")
+    assert val.classes == ["n01", "n02"] and val.labels == [0, 1, 0]
+    assert val.keys == [f"val/ILSVRC2012_val_{n:08d}.JPEG" for n in (1, 2, 3)]
+    assert val[1][0].size == (6, 5)
+
+
+def test_imagenet_flat_val_with_kaggles_solution_file(tmp_path):
+    root = tmp_path / "ILSVRC" / "Data" / "CLS-LOC"  # Kaggle's archive; the csv sits at its top
+    _imagenet_train(root)
+    for stem in ("ILSVRC2012_val_00000007", "ILSVRC2012_val_00000009"):
+        _img(root / "val" / f"{stem}.JPEG")
+    (tmp_path / "LOC_val_solution.csv").write_text(
+        "ImageId,PredictionString\nILSVRC2012_val_00000009,n01 1 2 3 4 n01 5 6 7 8\n"
+        "ILSVRC2012_val_00000007,n02 0 0 9 9\n")
+    val = build_dataset("imagenet", root, "val")
+    assert val.keys == ["val/ILSVRC2012_val_00000007.JPEG", "val/ILSVRC2012_val_00000009.JPEG"]
+    assert val.labels == [1, 0]
+    _img(root / "val" / "ILSVRC2012_val_00000011.JPEG")
+    with pytest.raises(DatasetLayoutError, match=r"1 image\(s\) of 'val/' have no label"):
+        build_dataset("imagenet", root, "val")
+    (tmp_path / "LOC_val_solution.csv").unlink()
+    with pytest.raises(DatasetLayoutError, match="no labels for them were found"):
+        build_dataset("imagenet", root, "val")
+    (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\nILSVRC2012_val_00000007,n05 1 1 2 2\n"
+                                               "ILSVRC2012_val_00000009,n01 1 1 2 2\n"
+                                               "ILSVRC2012_val_00000011,n01 1 1 2 2\n")
+    with pytest.raises(DatasetLayoutError, match=r"classes that 'train/' lacks: \['n05'\]"):
+        build_dataset("imagenet", root, "val")
+
+
 @pytest.mark.parametrize("year", [2018, 2019])
 def test_inaturalist_json(tmp_path, year):
     images, anns = [], []

@@ -50,12 +50,12 @@ DTD_LAYOUT = """\
   labels/train<k>.txt, val<k>.txt, test<k>.txt    k = 1..10; lines: <class>/<image>.jpg"""
 
 
-def _loadmat(path: Path) -> dict:
+def _loadmat(path: Path, **options) -> dict:
     try:
         from scipy.io import loadmat
     except ImportError:  # pragma: no cover - depends on the environment
         raise ImportError(f"reading {path.name} needs scipy: pip install 'mimscale[classify]'") from None
-    return loadmat(str(path))
+    return loadmat(str(path), **options)
 
 
 def _mat_strings(arr) -> list[str]:

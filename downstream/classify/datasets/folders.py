@@ -13,7 +13,10 @@ from .base import DatasetLayoutError, LabeledImages, check_split, file_images, r
 IMAGENET_LAYOUT = """\
 <root>/
   train/<class>/<image>.JPEG     e.g. train/n01440764/n01440764_10026.JPEG
-  val/<class>/<image>.JPEG       the validation images sorted into class folders (as MAE expects)"""
+  val/<class>/<image>.JPEG       the validation images sorted into class folders (as MAE expects),
+or, for imagenet, val/ as distributed (ILSVRC2012_val_00000001.JPEG, ... in one folder) with its labels:
+  ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt and meta.mat (in <root>), or
+  LOC_val_solution.csv (Kaggle's archive: in <root> or up to three folders above it)"""
 
 TINYIMAGENET_LAYOUT = """\
 <root>/                          (tiny-imagenet-200/, or its parent)
@@ -32,10 +35,14 @@ def _scan(dataset: str, root: Path, split: str) -> ImageFolderSource:
 
 
 def imagenet(root: str | os.PathLike, split: str, name: str = "imagenet") -> LabeledImages:
-    """ImageFolder splits; labels are the sorted class folders of ``train/`` in every split."""
+    """ImageFolder splits; labels are the sorted class folders of ``train/`` in every split. An
+    ImageNet ``val/`` as distributed (no class folders) is labelled from the devkit or Kaggle's
+    solution file, so it need not be sorted into folders first."""
     root = Path(root)
     check_split(name, split, ("train", "val"))
     require(name, root, IMAGENET_LAYOUT, "train", split)
+    if name == "imagenet" and split == "val" and _flat(root / split):
+        return _flat_val(name, root, _scan(name, root, "train").classes)
     classes = _scan(name, root, "train").classes if split != "train" else None
     source = _scan(name, root, split)
     classes = classes or source.classes
@@ -46,6 +53,51 @@ def imagenet(root: str | os.PathLike, split: str, name: str = "imagenet") -> Lab
                                  f"{unknown[:5]}", IMAGENET_LAYOUT)
     items = [(os.path.relpath(path, root), index[source.classes[y]]) for path, y in source.samples]
     return file_images(name, split, root, classes, items)
+
+
+_IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+
+
+def _flat(folder: Path) -> bool:
+    """Images directly in ``folder`` and no sub-folders: a validation set as distributed."""
+    entries = list(folder.iterdir())
+    return not any(e.is_dir() for e in entries) and any(e.suffix.lower() in _IMAGE_SUFFIXES for e in entries)
+
+
+def _flat_val(name: str, root: Path, classes: list[str]) -> LabeledImages:
+    files = sorted(p.name for p in (root / "val").iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+    wnid_of = _flat_val_labels(name, root, files)
+    index = {c: i for i, c in enumerate(classes)}
+    missing = [f for f in files if Path(f).stem not in wnid_of]
+    if missing:
+        raise DatasetLayoutError(name, root, f"{len(missing)} image(s) of 'val/' have no label, e.g. "
+                                 f"{missing[:3]}", IMAGENET_LAYOUT)
+    unknown = sorted({wnid_of[Path(f).stem] for f in files} - set(index))
+    if unknown:
+        raise DatasetLayoutError(name, root, f"the validation labels name classes that 'train/' lacks: "
+                                 f"{unknown[:5]}", IMAGENET_LAYOUT)
+    return file_images(name, "val", root, classes, [(f"val/{f}", index[wnid_of[Path(f).stem]]) for f in files])
+
+
+def _flat_val_labels(name: str, root: Path, files: list[str]) -> dict[str, str]:
+    """``{image stem: wnid}`` for a flat ``val/``, from the devkit or Kaggle's solution file."""
+    devkit = root / "ILSVRC2012_devkit_t12" / "data"
+    truth, meta = devkit / "ILSVRC2012_validation_ground_truth.txt", devkit / "meta.mat"
+    if truth.is_file() and meta.is_file():
+        from .annotated import _loadmat
+
+        synsets = _loadmat(meta, squeeze_me=True)["synsets"]
+        wnid_of_id = {int(i): str(w) for i, w in zip(synsets["ILSVRC2012_ID"], synsets["WNID"])}
+        ids = [int(line) for line in truth.read_text().split()]
+        # the ground truth lists the 50,000 images in the order of their numbers
+        return {f"ILSVRC2012_val_{n:08d}": wnid_of_id[i] for n, i in enumerate(ids, 1)}
+    for folder in [root, *list(root.resolve().parents)[:3]]:
+        solution = folder / "LOC_val_solution.csv"
+        if solution.is_file():
+            rows = solution.read_text().splitlines()[1:]  # ImageId,PredictionString (wnid box wnid box ...)
+            return {image: boxes.split()[0] for image, _, boxes in (r.partition(",") for r in rows) if boxes}
+    raise DatasetLayoutError(name, root, "'val/' holds the images in one folder (as distributed) but no "
+                             "labels for them were found", IMAGENET_LAYOUT)
 
 
 def tinyimagenet(root: str | os.PathLike, split: str) -> LabeledImages:
