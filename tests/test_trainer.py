@@ -109,6 +109,24 @@ def test_data_wait_is_logged(tiny_config, tmp_path):
     assert sum(waits["fast"]) < 4 * 250 / 2, waits
 
 
+def test_a_batch_fetched_ahead_is_put_back(tiny_config):
+    """The loop's one-ahead reader: the position counts consumed batches only, and closing it makes
+    the fetched-ahead batch the loader's next one."""
+    from mimscale.pretrain.engine.trainer import _OneAhead
+
+    data = Trainer(tiny_config("schedule.max_steps=4")).data
+    ahead, wait = _OneAhead(data), DataWait()
+    first = ahead.next(wait)
+    ahead.fetch(wait)
+    fetched = ahead.ahead[0]
+    assert ahead.position["batch_in_epoch"] == 1 and data.state_dict()["batch_in_epoch"] == 2
+    ahead.close()
+    assert data.state_dict()["batch_in_epoch"] == 1
+    again = next(iter(data))
+    assert torch.equal(again["index"], fetched["index"]) and torch.equal(again["images"], fetched["images"])
+    assert not torch.equal(again["index"], first["index"])
+
+
 def test_resume_equals_uninterrupted(tiny_config, tmp_path):
     """Stop after a checkpoint, resume=auto: the remaining losses and final weights are identical."""
     full = Trainer(tiny_config("schedule.max_steps=8", "output.checkpoint_every=3", "output.keep_last=null",

@@ -175,6 +175,8 @@ class Trainer:
             try:
                 return self._fit(preemption)
             finally:
+                if self._batches is not None:
+                    self._batches.close()  # the loader stands where the run stopped consuming
                 self.logger.close()
 
     def _fit(self, preemption: PreemptionHandler) -> RunSummary:
@@ -305,6 +307,14 @@ class _OneAhead:
         self.fetch(wait)
         (batch, self.position), self.ahead = self.ahead, None
         return batch
+
+    def close(self) -> None:
+        """Stop reading: the loader's workers end, and a batch fetched ahead is put back (the
+        loader's next batch is the first one not consumed)."""
+        self.batches.close()
+        if self.ahead is not None:
+            self.ahead = None
+            self.loader.load_state_dict(self.position)
 
 
 class _Window:
