@@ -101,14 +101,25 @@ def dispatch(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    joined = _in_process_group()
     try:
-        return args.func(args)
+        code = args.func(args)
     except ConfigError as e:
         print(f"mimscale: config error: {e}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:
         print(f"mimscale: {e}", file=sys.stderr)
         return 2
+    if not joined and _in_process_group():  # the command joined one (torchrun, srun): leave it
+        from mimscale.pretrain.engine.backend import leave_process_group
+
+        leave_process_group(together=True)
+    return code
+
+
+def _in_process_group() -> bool:
+    dist = sys.modules.get("torch.distributed")  # never imported: never joined
+    return dist is not None and dist.is_available() and dist.is_initialized()
 
 
 if __name__ == "__main__":

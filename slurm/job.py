@@ -34,6 +34,7 @@ class CommandJob(Checkpointable):
 
     def __call__(self) -> int:
         from mimscale.cli import dispatch
+        from mimscale.pretrain.engine.backend import leave_process_group
         from mimscale.pretrain.engine.preemption import PreemptionHandler
 
         env = submitit.JobEnvironment()
@@ -54,9 +55,9 @@ class CommandJob(Checkpointable):
             requeued = isinstance(e, SystemExit) and (book.last() or {}).get("event") == "requeued"
             if main and not requeued and not (isinstance(e, SystemExit) and e.code in (0, None)):
                 book.record("failed", job_id=env.job_id, error=_last_line(e))
+            leave_process_group(together=False)  # the other ranks may never get here
             raise
-        finally:
-            _leave_process_group()
+        leave_process_group(together=True)
         stopped_by = PreemptionHandler.last_received
         if stopped_by is not None and signal.Signals[stopped_by] == env._usr_sig():
             _hand_signal_to_submitit(env._usr_sig())  # rank 0: requeues and exits; others return
@@ -84,13 +85,6 @@ def _hand_signal_to_submitit(signum: signal.Signals) -> None:
     handler = signal.getsignal(signum)
     if callable(handler):
         handler(signum, None)
-
-
-def _leave_process_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def _last_line(error: BaseException) -> str:

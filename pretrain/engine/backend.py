@@ -52,6 +52,17 @@ def init_distributed(device_type: str) -> DistEnv:
     return DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def leave_process_group(together: bool) -> None:
+    """Destroy the default process group, if any; ``together``: after a barrier. Why: without a
+    launcher's store (srun, submitit) rank 0 hosts it, and a rank still tearing down when rank 0
+    has exited can abort ("terminate called without an active exception"), so a finished job would
+    end with a failed task. After an error the other ranks may never arrive: no barrier then."""
+    if dist.is_available() and dist.is_initialized():
+        if together:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def resolve_device(name: str, env: DistEnv) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
