@@ -91,26 +91,35 @@ def assert_resumed_as_if_never_stopped(full_run: Path, resumed_run: Path) -> Non
     assert _results(resumed_run) == _results(full_run)
 
 
+def assert_losses_match(reference: Path, run: Path) -> None:
+    """The same four logged steps, each loss equal to the reference run's within ``TOL``."""
+    want, got = _losses(reference), _losses(run)
+    assert sorted(want) == sorted(got) == [1, 2, 3, 4]
+    for step in want:
+        assert got[step] == pytest.approx(want[step], abs=TOL), step
+
+
+def run_on_tiny_vit(root: Path, job) -> Path:
+    """``job`` on two ranks, given a tiny timm ViT checkpoint written into ``root``."""
+    torch.manual_seed(0)
+    checkpoint = root / "vit.pth"
+    torch.save(to_timm_state_dict(build_mae("mae_vit_tiny_patch16", img_size=32, patch_size=8,
+                                            decoder_depth=1)), checkpoint)
+    spawn(job, 2, str(checkpoint), str(root), timeout=400)
+    return root
+
+
 def _final(run: Path, step: int = 4) -> dict:
     return read_state(run / "checkpoints" / f"step_{step:08d}")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fsdp")
-    torch.manual_seed(0)
-    checkpoint = root / "vit.pth"
-    torch.save(to_timm_state_dict(build_mae("mae_vit_tiny_patch16", img_size=32, patch_size=8,
-                                            decoder_depth=1)), checkpoint)
-    spawn(_job, 2, str(checkpoint), str(root), timeout=400)
-    return root
+    return run_on_tiny_vit(tmp_path_factory.mktemp("fsdp"), _job)
 
 
 def test_fsdp_finetuning_matches_ddp_step_by_step(runs):
-    ddp, fsdp = _losses(runs / "ddp"), _losses(runs / "fsdp")
-    assert sorted(ddp) == sorted(fsdp) == [1, 2, 3, 4]
-    for step in ddp:
-        assert fsdp[step] == pytest.approx(ddp[step], abs=TOL), step
+    assert_losses_match(runs / "ddp", runs / "fsdp")
     # final evaluation, occlusion and shuffling: same samples, each counted once
     ddp_results, fsdp_results = _results(runs / "ddp"), _results(runs / "fsdp")
     assert set(fsdp_results) == {"synthetic_finetune", "synthetic_finetune+occlude50", "synthetic_finetune+shuffle"}
@@ -137,10 +146,7 @@ def test_fsdp_export_loads_in_one_process_and_evaluates_alike(runs, tmp_path, mo
 
 
 def test_fsdp_linear_probe_matches_ddp(runs):
-    ddp, fsdp = _losses(runs / "lp_ddp"), _losses(runs / "lp_fsdp")
-    assert sorted(ddp) == sorted(fsdp) == [1, 2, 3, 4]
-    for step in ddp:
-        assert fsdp[step] == pytest.approx(ddp[step], abs=TOL), step
+    assert_losses_match(runs / "lp_ddp", runs / "lp_fsdp")
     assert _results(runs / "lp_fsdp") == _results(runs / "lp_ddp")
 
 

@@ -19,19 +19,18 @@ from test_classify_fsdp import (
     DATA,
     FINETUNE,
     LINPROBE,
-    TOL,
     _final,
-    _losses,
     _results,
     assert_final_weights_close,
+    assert_losses_match,
     assert_resumed_as_if_never_stopped,
+    run_on_tiny_vit,
 )
 
 from mimscale.cli import main
 from mimscale.downstream.classify import read_weights
 from mimscale.downstream.classify.config import FinetuneConfig, LinprobeConfig, load_classify_config
 from mimscale.downstream.classify.finetune import run_finetune
-from mimscale.pretrain.models import build_mae, to_timm_state_dict
 
 pytestmark = pytest.mark.slow
 FT_RUNS = {"ddp": ["engine.backend=ddp"],
@@ -92,13 +91,7 @@ def _job(rank, world, checkpoint, root):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     need("deepspeed")
-    root = tmp_path_factory.mktemp("zero")
-    torch.manual_seed(0)
-    checkpoint = root / "vit.pth"
-    torch.save(to_timm_state_dict(build_mae("mae_vit_tiny_patch16", img_size=32, patch_size=8,
-                                            decoder_depth=1)), checkpoint)
-    spawn(_job, 2, str(checkpoint), str(root), timeout=400)
-    return root
+    return run_on_tiny_vit(tmp_path_factory.mktemp("zero"), _job)
 
 
 def test_layer_decay_scales_survive_deepspeeds_optimizer(runs):
@@ -110,10 +103,7 @@ def test_layer_decay_scales_survive_deepspeeds_optimizer(runs):
 
 @pytest.mark.parametrize("name", ["zero2", "zero3"])
 def test_zero_finetuning_matches_ddp_step_by_step(runs, name):
-    ddp, zero = _losses(runs / "ddp"), _losses(runs / name)
-    assert sorted(ddp) == sorted(zero) == [1, 2, 3, 4]
-    for step in ddp:
-        assert zero[step] == pytest.approx(ddp[step], abs=TOL), step
+    assert_losses_match(runs / "ddp", runs / name)
     # final evaluation, occlusion and shuffling: same samples, each counted once
     ddp_results, zero_results = _results(runs / "ddp"), _results(runs / name)
     assert set(zero_results) == {"synthetic_finetune", "synthetic_finetune+occlude50", "synthetic_finetune+shuffle"}
@@ -142,10 +132,7 @@ def test_zero3_export_loads_in_one_process_and_evaluates_alike(runs, tmp_path, m
 
 @pytest.mark.parametrize("name", ["lp_zero1", "lp_zero3"])
 def test_zero_linear_probe_matches_ddp(runs, name):
-    ddp, zero = _losses(runs / "lp_ddp"), _losses(runs / name)
-    assert sorted(ddp) == sorted(zero) == [1, 2, 3, 4]
-    for step in ddp:
-        assert zero[step] == pytest.approx(ddp[step], abs=TOL), step
+    assert_losses_match(runs / "lp_ddp", runs / name)
     assert _results(runs / name) == _results(runs / "lp_ddp")
 
 
