@@ -439,12 +439,17 @@ def _validate_engine(cfg: Config) -> None:
         if full.upper() in ("SIGKILL", "SIGSTOP") or not hasattr(signal, full.upper()):
             raise ConfigError(f"engine.preempt_signals: {name!r} is not a signal a process can catch; "
                               "valid e.g. SIGUSR1, SIGUSR2, SIGTERM, SIGINT")
+    check_sharding_options(e)
+
+
+def check_sharding_options(e) -> None:
+    """The engine options that only a sharded backend reads (pretraining and classification)."""
     if e.cpu_offload and e.backend == "ddp":
-        raise ConfigError("engine.cpu_offload: needs engine.backend=fsdp or deepspeed (DDP keeps "
-                          "everything on the device)")
+        raise ConfigError("engine.cpu_offload: offloads the shards of fsdp or deepspeed; engine.backend=ddp "
+                          "has none (it needs engine.backend=fsdp or deepspeed)")
     if e.deepspeed_config is not None:
         if e.backend != "deepspeed":
-            raise ConfigError("engine.deepspeed_config: only used with engine.backend=deepspeed")
+            raise ConfigError(f"engine.deepspeed_config: only used with engine.backend=deepspeed (not {e.backend})")
         if not Path(e.deepspeed_config).is_file():
             raise ConfigError(f"engine.deepspeed_config: file {e.deepspeed_config} does not exist")
 

@@ -14,7 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from mimscale.config import ConfigError, _apply, _merge, _opt, _yaml, parse_overrides, to_dict
+from mimscale.config import (
+    ConfigError,
+    _apply,
+    _merge,
+    _opt,
+    _yaml,
+    check_sharding_options,
+    parse_overrides,
+    to_dict,
+)
 
 from .datasets import DATASETS
 
@@ -166,14 +175,7 @@ def _feature_checks(cfg) -> None:
         raise ConfigError(f"engine.backend: {e.backend!r} is not offered by mimscale knn; valid: ddp (k-NN "
                           "trains nothing, so there is no state to shard; checkpoints pretrained with any "
                           "backend load as-is)")
-    if e.cpu_offload and e.backend == "ddp":
-        raise ConfigError("engine.cpu_offload: offloads the shards of fsdp or deepspeed; engine.backend=ddp "
-                          "has none")
-    if e.deepspeed_config is not None:
-        if e.backend != "deepspeed":
-            raise ConfigError(f"engine.deepspeed_config: only used with engine.backend=deepspeed (not {e.backend})")
-        if not Path(e.deepspeed_config).is_file():
-            raise ConfigError(f"engine.deepspeed_config: file {e.deepspeed_config} does not exist")
+    check_sharding_options(e)
     if cfg.checkpoint and not Path(cfg.checkpoint).exists():
         raise ConfigError(f"checkpoint: {cfg.checkpoint} does not exist")
     if cfg.model.name == "auto" and not cfg.checkpoint:
