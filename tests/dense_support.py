@@ -1,12 +1,10 @@
 """Shared by the dense-prediction tests: a briefly pretrained tiny checkpoint, generated COCO and
-ADE20K folders, and the optional-extra guard (skip on a developer machine, fail in CI)."""
+ADE20K folders."""
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
+from extras import need
 
 TINY_PRETRAIN = [
     "model.name=mae_vit_tiny_patch16", "model.img_size=32", "model.patch_size=8",
@@ -16,13 +14,6 @@ TINY_PRETRAIN = [
     "schedule.max_steps=10", "engine.precision=fp32", "engine.threads=1", "logging.log_every=5",
     "logging.image_every=0", "logging.progress=off", "logging.tensorboard=false",
 ]
-
-
-def need(module: str):
-    """Import an optional dependency: in CI (CI=true) a missing one fails the test."""
-    if os.environ.get("CI") == "true":
-        return importlib.import_module(module)
-    return pytest.importorskip(module)
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +31,7 @@ def tiny_mae_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def synthetic_coco(tmp_path_factory):
     """A generated COCO folder: 128 training images (polygons), 32 held-out (compressed RLE), 64 px."""
+    need("pycocotools")  # the held-out split's compressed RLE is encoded with it
     from mimscale.data_pipeline.writers import write_coco
 
     root = tmp_path_factory.mktemp("coco")

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from object_attending import install_object_attention, install_object_salience
@@ -70,7 +71,7 @@ def test_analyze_attention_of_mimscale_official_mae_and_timm_checkpoints(run_dir
         by_label.setdefault(r["checkpoint"], []).append((float(r["distance_px"]), float(r["entropy"])))
     assert list(by_label) == ["sbam_amr@3", "mae", "timm"]
     for values in by_label.values():  # the same weights in three file formats: the same numbers
-        assert values == pytest.approx(by_label["sbam_amr@3"], rel=1e-4)
+        assert np.array(values) == pytest.approx(np.array(by_label["sbam_amr@3"]), rel=1e-4)
     for d, e in by_label["mae"]:
         assert 0 < d < 8 * 3 * math.sqrt(2) and 0 < e <= math.log(16) + 1e-4
     assert_png(out / "attention.png", 800)

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from distributed_utils import one_thread, spawn  # noqa: F401  (one_thread: autouse fixture)
+from extras import need
 from test_classify_fsdp import (
     DATA,
     FINETUNE,
@@ -39,13 +40,6 @@ FT_RUNS = {"ddp": ["engine.backend=ddp"],
 LP_RUNS = {"lp_ddp": ["engine.backend=ddp"],
            "lp_zero1": ["engine.backend=deepspeed", "engine.zero_stage=1"],
            "lp_zero3": ["engine.backend=deepspeed", "engine.zero_stage=3"]}
-
-
-def need(module: str):
-    """Optional extras may be missing on a developer machine, never in CI."""
-    if os.environ.get("CI") == "true":
-        return __import__(module)
-    return pytest.importorskip(module)
 
 
 def _lr_scales(root: Path) -> None:

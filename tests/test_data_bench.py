@@ -1,22 +1,15 @@
 """`mimscale bench data` runs every row on the same images and prints the ratios."""
 
 import json
-import os
 import subprocess
 import sys
 import time
 
 import pytest
+from extras import need
 
 from mimscale.cli import main
 from mimscale.data_pipeline.bench import _cpu_seconds
-
-
-def need(module):
-    """Skip for a missing optional extra on a developer machine; never in CI."""
-    if os.environ.get("CI") == "true":
-        return __import__(module)
-    return pytest.importorskip(module)
 
 
 def _bench(tmp_path, rows: str, rounds: int) -> dict:

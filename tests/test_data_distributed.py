@@ -8,19 +8,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from extras import need
 
 from mimscale.config import load_config
 from mimscale.data_pipeline.build import build_pretrain_data
 from mimscale.data_pipeline.synthetic import write_shards
 
 N = 26
-
-
-def need(module):
-    """Skip for a missing optional extra on a developer machine; never in CI."""
-    if os.environ.get("CI") == "true":
-        return __import__(module)
-    return pytest.importorskip(module)
 
 
 def _free_port() -> int:

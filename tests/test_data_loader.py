@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from extras import need
 from PIL import Image
 
 from mimscale.data_pipeline.loader import BadDataError, PretrainLoader, build_pretrain_loader
@@ -21,13 +22,6 @@ from mimscale.data_pipeline.views import mae_views, mocov3_views
 
 N, SIZE, IMG, B = 22, 24, 16, 3
 SOURCES = ["imagefolder", "wds", "ffcv"]
-
-
-def need(module):
-    """Skip for a missing optional extra on a developer machine; never in CI."""
-    if os.environ.get("CI") == "true":
-        return __import__(module)
-    return pytest.importorskip(module)
 
 
 def make_source(kind: str, folder, n: int = N):

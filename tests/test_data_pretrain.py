@@ -1,23 +1,16 @@
 """Pretraining through the CLI on webdataset shards and on a .beton, with exact resume."""
 
 import math
-import os
 import shutil
 
 import pytest
 import torch
+from extras import need
 
 from mimscale.cli import main
 from mimscale.data_pipeline.synthetic import write_shards
 from mimscale.pretrain.engine.checkpoint import load_checkpoint
 from mimscale.pretrain.engine.logger import read_metrics
-
-
-def need(module):
-    """Skip for a missing optional extra on a developer machine; never in CI."""
-    if os.environ.get("CI") == "true":
-        return __import__(module)
-    return pytest.importorskip(module)
 
 
 def _run(tiny_overrides, out, *extra):

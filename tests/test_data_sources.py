@@ -8,6 +8,7 @@ import tarfile
 
 import numpy as np
 import pytest
+from extras import need
 from PIL import Image
 
 from mimscale.config import ConfigError, load_config
@@ -21,13 +22,6 @@ from mimscale.data_pipeline.sources.wds import (
     split_key,
 )
 from mimscale.data_pipeline.synthetic import write_imagefolder, write_shards
-
-
-def need(module):
-    """Skip for a missing optional extra on a developer machine; never in CI."""
-    if os.environ.get("CI") == "true":
-        return __import__(module)
-    return pytest.importorskip(module)
 
 
 def png(value: int, size: int = 8) -> bytes:

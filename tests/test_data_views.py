@@ -3,12 +3,12 @@ normalisation."""
 
 import io
 import math
-import os
 import random
 
 import numpy as np
 import pytest
 import torch
+from extras import need
 from PIL import Image
 from torchvision import transforms as T
 
@@ -25,13 +25,6 @@ from mimscale.data_pipeline.views import (
     normalize_uint8,
     sample_crop,
 )
-
-
-def need(module):
-    """Skip for a missing optional extra on a developer machine; never in CI."""
-    if os.environ.get("CI") == "true":
-        return __import__(module)
-    return pytest.importorskip(module)
 
 
 @pytest.fixture(params=["pil", "simplejpeg"])

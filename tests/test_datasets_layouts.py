@@ -6,16 +6,10 @@ import os
 import numpy as np
 import pytest
 from classify_data import write_cifar
+from extras import need
 from PIL import Image
 
 from mimscale.downstream.classify.datasets import DatasetLayoutError, build_dataset
-
-
-def need(module):
-    """Optional extras are skipped on a developer machine, but required in CI."""
-    if os.environ.get("CI") == "true":
-        return __import__(module)
-    return pytest.importorskip(module)
 
 
 def _img(path, value=0, size=(6, 5)):

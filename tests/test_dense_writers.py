@@ -3,9 +3,9 @@ carry the objects' exact masks."""
 
 import json
 
-import dense_support
 import numpy as np
 import pytest
+from extras import need
 from PIL import Image
 
 from mimscale.data_pipeline.synthetic import CLASSES, sample_at
@@ -18,7 +18,7 @@ from mimscale.data_pipeline.writers import (
 
 
 def _rasterize(polygons, h, w):
-    mask_utils = dense_support.need("pycocotools.mask")
+    mask_utils = need("pycocotools.mask")
     return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polygons, h, w))).astype(bool)
 
 
@@ -39,7 +39,7 @@ def test_polygons_outline_masks_exactly_or_refuse_holes():
 
 @pytest.mark.parametrize("fmt", ["polygon", "rle", "compressed_rle"])
 def test_coco_writer_round_trips_every_mask_box_and_class(tmp_path, fmt):
-    coco_mod = dense_support.need("pycocotools.coco")
+    coco_mod = need("pycocotools.coco")
     ann = write_coco(tmp_path, "val2017", num_images=12, size=48, seed=5, mask_format=fmt)
     assert ann == tmp_path / "annotations" / "instances_val2017.json"
     coco = coco_mod.COCO(str(ann))

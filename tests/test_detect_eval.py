@@ -3,6 +3,7 @@
 import dense_support
 import pytest
 import torch
+from extras import need
 
 from mimscale.downstream.detect import (
     CocoInstances,
@@ -27,7 +28,7 @@ def _gt_as_results(coco, noise=0.0):
 
 @pytest.mark.parametrize("split", ["train2017", "val2017"])  # polygons, compressed RLE
 def test_ground_truth_against_itself_scores_ap_1(synthetic_coco, split):
-    dense_support.need("pycocotools")
+    need("pycocotools")
     ds = CocoInstances(*coco_paths(synthetic_coco, split), train=False)
     metrics = coco_metrics(ds.coco, _gt_as_results(ds.coco))
     for iou_type in ("bbox", "segm"):
@@ -42,7 +43,7 @@ def test_ground_truth_against_itself_scores_ap_1(synthetic_coco, split):
 
 
 def test_torchvision_outputs_become_coco_results_that_score_1(synthetic_coco):
-    dense_support.need("pycocotools")
+    need("pycocotools")
     ds = CocoInstances(*coco_paths(synthetic_coco, "val2017"), train=False)
     results = []
     for i in range(len(ds)):
@@ -62,7 +63,7 @@ def test_boxes_from_masks_are_tight_with_exclusive_edges():
 
 
 def test_large_scale_jitter_gives_square_crops_with_consistent_targets(synthetic_coco):
-    dense_support.need("pycocotools")
+    need("pycocotools")
     torch.manual_seed(0)
     ds = CocoInstances(*coco_paths(synthetic_coco, "train2017"), transform=LargeScaleJitter(48, (0.5, 2.0)))
     for i in range(8):

@@ -5,6 +5,7 @@ import json
 
 import dense_support
 import pytest
+from extras import need
 
 from mimscale.cli import main
 
@@ -26,7 +27,7 @@ TINY_DETECT = [
 
 @pytest.mark.slow
 def test_detect_learns_boxes_and_masks_on_held_out_images(tiny_mae_checkpoint, synthetic_coco, tmp_path, capsys):
-    dense_support.need("pycocotools")
+    need("pycocotools")
     run = tmp_path / "det"
     args = ["detect", *TINY_DETECT, f"backbone.checkpoint={tiny_mae_checkpoint}", f"data.root={synthetic_coco}",
             "schedule.max_iters=200", f"output.dir={run}"]

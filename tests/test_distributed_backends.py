@@ -19,7 +19,6 @@ A resumed run repeats the same sums, so resume comparisons include them, bit for
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -33,6 +32,7 @@ from distributed_utils import (
     spawn,
     tiny_overrides,
 )
+from extras import need
 
 from mimscale.cli import main
 from mimscale.config import load_config
@@ -60,13 +60,6 @@ CASES = {  # name: (overrides, NaN loss on rank 1 at this 0-based step or None)
 }
 SHARDED = ("fsdp", "zero3")
 RESUMED = ("ddp", "fsdp", "zero1", "zero2", "zero3")
-
-
-def need(module: str):
-    """Optional extras may be missing on a developer machine, never in CI."""
-    if os.environ.get("CI") == "true":
-        return __import__(module)
-    return pytest.importorskip(module)
 
 
 # ----------------------------------------------------------------------------- the 2-rank job

@@ -9,6 +9,7 @@ import dense_support
 import mmcv_ops_stub
 import pytest
 import torch
+from extras import need
 
 from mimscale.cli import main
 from mimscale.data_pipeline.synthetic import CLASSES
@@ -28,7 +29,7 @@ CONFIGS = {
 @pytest.fixture(scope="module")
 def openmmlab():
     for module in ("mmengine", "mmcv", "mmdet", "mmseg"):
-        dense_support.need(module)
+        need(module)
     mmcv_ops_stub.install()
     import mimscale.downstream.openmmlab as plugin
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from extras import need
 from PIL import Image
 
 from mimscale.cli import main
@@ -15,13 +16,6 @@ from mimscale.data_pipeline.shards import ImageFolderInput, SyntheticInput, writ
 from mimscale.data_pipeline.sources.imagefolder import ImageFolderSource
 from mimscale.data_pipeline.sources.wds import count_samples, read_index
 from mimscale.data_pipeline.synthetic import rle_to_mask, sample_at, write_imagefolder
-
-
-def need(module):
-    """Skip for a missing optional extra on a developer machine; never in CI."""
-    if os.environ.get("CI") == "true":
-        return __import__(module)
-    return pytest.importorskip(module)
 
 
 @pytest.fixture(scope="module")
