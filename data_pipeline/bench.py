@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mimscale.errors import UserError
+
 ROWS = ("torchvision", "imagefolder", "wds", "ffcv", "ffcv-native")
 
 
@@ -219,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = set(rows) - set(ROWS)
     if unknown:
-        raise SystemExit(f"mimscale bench data: unknown rows {sorted(unknown)}; valid: {', '.join(ROWS)}")
+        raise UserError(f"--rows: unknown rows {sorted(unknown)}; valid: {', '.join(ROWS)}")
     root, index, beton = _prepare(args)
     if beton is None:
         rows = [r for r in rows if not r.startswith("ffcv")]

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mimscale.errors import UserError
+
 from .plan import EpochPlan, mix_seed
 from .sources.imagefolder import ImageFolderSource
 from .views import ViewSpec, decode_views, mae_views, normalize_uint8, normalize_uint8_on
@@ -45,7 +47,7 @@ log = logging.getLogger("mimscale.data")
 _AUG = 1  # domain tag of augmentation seeds (plan.py uses others)
 
 
-class BadDataError(RuntimeError):
+class BadDataError(UserError, RuntimeError):
     """Too many unreadable samples: the data, not the code, needs fixing."""
 
 

@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mimscale.errors import UserError
+
 SCHEMA = 1
 RESULTS_DIR = "results"
 
@@ -137,7 +139,7 @@ def collect(folder: str | os.PathLike, rows: str = "checkpoint", metric: str | N
         raise FileNotFoundError(f"no result JSONs below {folder} (runs write them to <run>/{RESULTS_DIR}/)")
     table = build_table(records, rows, metric)
     if not table.cells:
-        raise ValueError(f"none of the {len(records)} results below {folder} has metric {metric!r}")
+        raise UserError(f"--metric: none of the {len(records)} results below {folder} has metric {metric!r}")
     out = Path(out or folder)
     out.mkdir(parents=True, exist_ok=True)
     md, csv_path = out / "results.md", out / "results.csv"

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 
 from mimscale import __version__
-from mimscale.config import ConfigError, available_recipes, load_config, to_yaml
+from mimscale.config import available_recipes, load_config, missing_values, to_yaml
+from mimscale.errors import UserError
 
 OVERRIDES_HELP = "config overrides as key=value, e.g. recipe=mae model.name=mae_vit_tiny_patch16 optim.blr=1e-4"
 
@@ -22,18 +25,22 @@ def _cmd_demo(args) -> int:
 def _cmd_pretrain(args) -> int:
     from mimscale.pretrain.engine.trainer import Trainer
 
-    cfg = load_config(args.overrides)
     if args.print_config:
-        sys.stdout.write(to_yaml(cfg))
-        return 0
+        return _cmd_config_show(args)
+    cfg = load_config(args.overrides)
     summary = Trainer(cfg).fit()
     print(f"done: {summary.steps} steps in {summary.wall_time:.1f}s; checkpoint {summary.checkpoint}")
     return 0
 
 
 def _cmd_config_show(args) -> int:
-    cfg = load_config(args.overrides)
-    sys.stdout.write(to_yaml(cfg))
+    """The resolved config, even one a run would refuse for a missing value: those are marked
+    (``# required: ...``) and listed on stderr, so the YAML can be completed."""
+    cfg = load_config(args.overrides, require=False)
+    missing = missing_values(cfg)
+    sys.stdout.write(to_yaml(cfg, notes={k: f"required {why}" for k, why in missing.items()}))
+    if missing:
+        print(f"mimscale: a run needs {', '.join(missing)} (marked '# required')", file=sys.stderr)
     return 0
 
 
@@ -58,10 +65,34 @@ COMMAND_MODULES: list[str] = [
 ]
 
 
+# Positionals that collect ``key=value`` items; such items may also follow or sit between flags.
+KEY_VALUE_DESTS = ("overrides", "variables")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Lets ``key=value`` overrides appear anywhere on a command line, for every (sub)command.
+
+    argparse fills a ``nargs="*"`` positional from its first run of tokens only and leaves later
+    ones over as unrecognized; the parser that owns the positional takes them back here, in order.
+    Subparsers are of this class too (``add_subparsers`` uses the parent's class), and
+    ``parse_intermixed_args`` does not support subparsers. Leftover flags stay errors.
+    """
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        dest = next((a.dest for a in self._actions if a.dest in KEY_VALUE_DESTS and a.nargs in ("*", "+")), None)
+        if dest is not None:
+            items = [t for t in extras if not t.startswith("-")]
+            setattr(namespace, dest, list(getattr(namespace, dest) or []) + items)
+            extras = [t for t in extras if t.startswith("-")]
+        return namespace, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mimscale", description="Masked-image-modeling pretraining of Vision Transformers.")
+    parser = _Parser(prog="mimscale", description="Masked-image-modeling pretraining of Vision Transformers.")
     parser.add_argument("--version", action="version", version=f"mimscale {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a bad-input error (also MIMSCALE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("demo", help="tiny MAE pretraining on generated images, on the CPU (a few minutes)",
@@ -99,16 +130,30 @@ def dispatch(argv: list[str]) -> int:
     return args.func(args)
 
 
+# Bad input: a config, a path, a file's contents. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def error_line(e: BaseException) -> str:
+    """One line saying what is wrong and where (a file error names its path)."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        text = f"{e.filename}: {e.strerror}"
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line: bad input ends as one line on stderr and exit code 2; ``--debug`` or
+    ``MIMSCALE_DEBUG=1`` adds the traceback."""
     args = build_parser().parse_args(argv)
     joined = _in_process_group()
     try:
         code = args.func(args)
-    except ConfigError as e:
-        print(f"mimscale: config error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
-        print(f"mimscale: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        if args.debug or os.environ.get("MIMSCALE_DEBUG", "0") not in ("", "0"):
+            traceback.print_exc()
+        print(f"mimscale {args.command}: {error_line(e)}", file=sys.stderr)
         return 2
     if not joined and _in_process_group():  # the command joined one (torchrun, srun): leave it
         from mimscale.pretrain.engine.backend import leave_process_group

@@ -20,6 +20,8 @@ from typing import Any, Union
 
 import yaml
 
+from mimscale.errors import UserError
+
 
 class _Loader(yaml.SafeLoader):
     """YAML with 1.2 scalars: only true/false are booleans (``progress: off`` stays a string) and
@@ -41,8 +43,9 @@ def _yaml(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
-class ConfigError(ValueError):
-    """A config key, type or value that cannot work; the message names the key and the fix."""
+class ConfigError(UserError, ValueError):
+    """A config key, type or value that cannot work; the message names the key and the fix.
+    (A ``ValueError`` too, for the callers that catch one.)"""
 
 
 def _opt(default, doc: str = "", **rules):
@@ -389,8 +392,9 @@ def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
         setattr(obj, name, coerced)
 
 
-def _validate(cfg: Config) -> None:
-    """Checks that involve several keys or other modules."""
+def _validate(cfg: Config, require: bool = True) -> None:
+    """Checks that involve several keys or other modules; with ``require``, also that no value a
+    run needs is missing (see :func:`missing_values`)."""
     from mimscale.pretrain.models import available_models
 
     if cfg.model.name not in available_models():
@@ -405,24 +409,38 @@ def _validate(cfg: Config) -> None:
     for i, b in enumerate(cfg.optim.betas):
         if not 0 <= b < 1:
             raise ConfigError(f"optim.betas[{i}]: {b} must be in [0, 1)")
+    for key, why in (missing_values(cfg) if require else {}).items():
+        raise ConfigError(f"{key}: required {why}")
+
+
+def missing_values(cfg: Config) -> dict[str, str]:
+    """Keys left empty that a run needs, each with when and what to give: kept apart from the other
+    checks so that ``config show`` can print such a config, marked, while a run refuses it."""
+    d, t = cfg.data, cfg.teacher
+    missing = {}
+    if d.source == "imagefolder" and not d.root:
+        missing["data.root"] = ("when data.source=imagefolder (a folder of class sub-folders "
+                                "of images); or use data.source=synthetic")
+    urls = [d.urls] if isinstance(d.urls, str) else list(d.urls or [])
+    if d.source in ("wds", "ffcv") and not any(u.strip() for u in urls):
+        what = ("tar shards, e.g. data.urls='/data/train-{000000..000127}.tar'" if d.source == "wds"
+                else "the .beton file, e.g. data.urls=/data/train.beton")
+        missing["data.urls"] = f"when data.source={d.source} ({what})"
+    if t.type == "frozen" and not t.checkpoint:
+        missing["teacher.checkpoint"] = ("when teacher.type=frozen (a mimscale checkpoint folder "
+                                         "or an official MAE .pth)")
+    return missing
 
 
 def _validate_data(d: DataConfig) -> None:
     lo, hi = d.crop_scale
     if not 0 < lo <= hi <= 1:
         raise ConfigError(f"data.crop_scale: {list(d.crop_scale)} must satisfy 0 < min <= max <= 1")
-    if d.source == "imagefolder" and not d.root:
-        raise ConfigError("data.root: required when data.source=imagefolder (a folder of class "
-                          "sub-folders of images); or use data.source=synthetic")
     urls = [d.urls] if isinstance(d.urls, str) else list(d.urls or [])
-    if d.source in ("wds", "ffcv") and not any(u.strip() for u in urls):
-        what = ("tar shards, e.g. data.urls='/data/train-{000000..000127}.tar'" if d.source == "wds"
-                else "the .beton file, e.g. data.urls=/data/train.beton")
-        raise ConfigError(f"data.urls: required when data.source={d.source} ({what})")
     if urls and d.source not in ("wds", "ffcv"):
         raise ConfigError(f"data.urls: only read when data.source is wds or ffcv (it is {d.source}); "
                           "an ImageFolder is given by data.root")
-    if d.source == "ffcv" and len(urls) != 1:
+    if d.source == "ffcv" and len(urls) > 1:  # none: see missing_values
         raise ConfigError(f"data.urls: data.source=ffcv reads one .beton file, got {d.urls!r}")
     piped = [u for u in urls if u.startswith("pipe:")]
     if piped and not d.allow_pipe:
@@ -474,9 +492,6 @@ def _validate_masking(cfg: Config) -> None:
     if source == "teacher" and t.type == "none":
         raise ConfigError(f"masking.strategy={m.strategy} scores with a teacher but teacher.type=none; "
                           "set teacher.type=ema or teacher.type=frozen (with teacher.checkpoint)")
-    if t.type == "frozen" and not t.checkpoint:
-        raise ConfigError("teacher.checkpoint: required when teacher.type=frozen (a mimscale checkpoint "
-                          "folder or an official MAE .pth)")
     o = cfg.objectives
     if o.mam.weight > 0 and m.strategy != "gpa":
         raise ConfigError(f"objectives.mam.weight: MAM predicts the GPA score, so it needs masking.strategy=gpa "
@@ -570,15 +585,16 @@ def parse_overrides(items: list[str]) -> dict:
     return nested
 
 
-def load_config(overrides: list[str] | None = None, recipe: str | None = None) -> Config:
-    """Build and validate the config: defaults <- recipe YAML (with bases) <- overrides."""
+def load_config(overrides: list[str] | None = None, recipe: str | None = None, require: bool = True) -> Config:
+    """Build and validate the config: defaults <- recipe YAML (with bases) <- overrides. Without
+    ``require``, values a run needs may be missing (:func:`missing_values` lists them)."""
     updates = parse_overrides(list(overrides or []))
     recipe = str(updates.pop("recipe", recipe or "mae"))
     merged = _merge(_read_recipe(recipe), updates)
     cfg = Config()
     _apply(cfg, merged)
     cfg.recipe = recipe
-    _validate(cfg)
+    _validate(cfg, require)
     return cfg
 
 
@@ -606,8 +622,23 @@ def to_dict(cfg: Any) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
-def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+def to_yaml(cfg: Config, notes: dict[str, str] | None = None) -> str:
+    """The config as YAML; ``notes`` (dotted key -> text) become comments at the end of their lines."""
+    dumped = yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+    if not notes:
+        return dumped
+    lines, path = [], []
+    for line in dumped.splitlines():
+        key = re.match(r"( *)([A-Za-z_][\w]*):", line)
+        if key:
+            path[len(key.group(1)) // 2:] = [key.group(2)]
+            here = ".".join(path)
+            inline = line.endswith("}")  # a flow mapping: its keys are on this line
+            found = [text if key == here else f"{key[len(here) + 1:]}: {text}" for key, text in notes.items()
+                     if key == here or (inline and key.startswith(here + "."))]
+            line += f"  # {'; '.join(found)}" if found else ""
+        lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def from_dict(data: dict) -> Config:

@@ -1,7 +1,8 @@
 """``mimscale demo``: the embedded default — a tiny MAE pretraining on generated images, CPU-sized.
 
-It is the real path (recipe ``mae``, the same trainer, checkpoints, logs and figures as a cluster
-run), scaled down by overrides only: a tiny ViT at 64 px with 8-px patches and a small decoder.
+It is the real path (recipe ``mae``, or another one given as ``recipe=NAME``; the same trainer,
+checkpoints, logs and figures as a cluster run), scaled down by overrides only: a tiny ViT at 64 px
+with 8-px patches and a small decoder.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ def run_demo(steps: int | None = None, out: str | None = None, overrides: list[s
     from mimscale.pretrain.engine.trainer import Trainer
 
     cfg = demo_config(steps, out, overrides)
-    print(f"mimscale demo: {cfg.schedule.max_steps} steps of MAE pretraining ({cfg.model.name}, "
-          f"{cfg.model.img_size}px) on {cfg.data.synthetic_images} generated images -> {cfg.output.dir}")
+    print(f"mimscale demo: {cfg.schedule.max_steps} steps of {Path(cfg.recipe).stem} pretraining (recipe "
+          f"{cfg.recipe}, {cfg.masking.strategy} masking, {cfg.model.name}, {cfg.model.img_size}px) on "
+          f"{cfg.data.synthetic_images} generated images -> {cfg.output.dir}")
     summary = Trainer(cfg).fit()
     first, last = loss_trend(summary.losses)
     fell = last < 0.9 * first

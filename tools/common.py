@@ -2,29 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-import sys
 from pathlib import Path
 
 import torch
 
 from mimscale.config import Config, apply_overrides, from_dict, load_config
 from mimscale.data_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-from .analysis.output import AnalysisError
-
-
-def reported(handler):
-    """A command handler whose bad input (an ``AnalysisError``: a checkpoint or image folder it
-    cannot use) ends with the reason on stderr and exit code 2, not a traceback."""
-    @functools.wraps(handler)
-    def run(args) -> int:
-        try:
-            return handler(args)
-        except AnalysisError as e:
-            print(f"mimscale: {e}", file=sys.stderr)
-            return 2
-    return run
 
 
 def config_for(checkpoint: str | None, overrides: list[str]) -> Config:

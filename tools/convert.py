@@ -12,10 +12,11 @@ keys; a teacher, when the run had one, is written next to it.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
+
+from mimscale.errors import UserError
 
 SOURCES = {"auto": None, "full": "full", "ddp": "full", "fsdp": "dcp", "deepspeed": "deepspeed"}
 
@@ -27,7 +28,7 @@ def _read(checkpoint: str, source: str) -> dict:
     expected = SOURCES[source]
     if expected is not None and expected != fmt:
         written = {"full": "ddp (a full checkpoint)", "dcp": "fsdp", "deepspeed": "deepspeed"}[fmt]
-        raise ValueError(f"--from {source}: {checkpoint} was written by {written}; use --from "
+        raise UserError(f"--from {source}: {checkpoint} was written by {written}; use --from "
                          f"{'ddp' if fmt == 'full' else written} or --from auto")
     return load_checkpoint(checkpoint)
 
@@ -110,7 +111,7 @@ def run(args) -> int:
         written = [convert_to_openmmlab(state, args.to, out)]
     else:
         if out.suffix not in (".safetensors", ".pth", ".pt"):
-            raise ValueError(f"--out {out}: name the file .safetensors, .pth or .pt for --to timm")
+            raise UserError(f"--out {out}: name the file .safetensors, .pth or .pt for --to timm")
         written = to_timm(state, out, _format_of(out, args.format))
     for path in written:
         print(f"wrote {path}")
@@ -130,12 +131,4 @@ def register(sub) -> None:
                    help="; ".join(f"{k}: {v}" for k, v in TARGETS.items()))
     p.add_argument("--format", choices=("auto", "safetensors", "pth"), default="auto",
                    help="tensor file format for --to timm; auto follows the --out suffix")
-    p.set_defaults(func=_handle)
-
-
-def _handle(args) -> int:
-    try:
-        return run(args)
-    except (ValueError, ImportError) as e:
-        print(f"mimscale convert: {e}", file=sys.stderr)
-        return 2
+    p.set_defaults(func=run)

@@ -15,7 +15,7 @@ from mimscale.pretrain.masking import functional as F
 from mimscale.pretrain.masking.scoring import input_tokens
 from mimscale.pretrain.masking.selectors import masked_counts, topk_mask
 
-from .common import config_for, load_student_weights, reported, synthetic_with_foreground
+from .common import config_for, load_student_weights, synthetic_with_foreground
 
 
 def register(sub) -> None:
@@ -28,7 +28,7 @@ def register(sub) -> None:
     p.add_argument("--queries", choices=("patches", "all"), default="patches")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("overrides", nargs="*", help="config overrides (model.*, masking.ratio)")
-    p.set_defaults(func=reported(run))
+    p.set_defaults(func=run)
 
 
 @torch.no_grad()

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from mimscale.config import STRATEGIES, apply_overrides
+from mimscale.errors import UserError
 
-from .common import config_for, load_student_weights, reported, synthetic_with_foreground
+from .common import config_for, load_student_weights, synthetic_with_foreground
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,7 +33,7 @@ def register(sub) -> None:
     vsub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
     m = vsub.add_parser("masks", help="per strategy: score heatmap and mask, as a PNG grid")
     add_arguments(m)
-    m.set_defaults(func=reported(run))
+    m.set_defaults(func=run)
 
 
 def _load_images(folder: str | None, num: int, size: int, patch: int, seed: int) -> torch.Tensor:
@@ -90,7 +91,7 @@ def run(args) -> int:
     names = [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = [s for s in names if s not in STRATEGIES]
     if unknown:
-        raise SystemExit(f"unknown strategies {unknown}; valid: {', '.join(STRATEGIES)}")
+        raise UserError(f"--strategies: unknown strategies {unknown}; valid: {', '.join(STRATEGIES)}")
     patch = cfg.model.patch_size or int(cfg.model.name.rsplit("patch", 1)[-1])
     images = _load_images(args.images, args.num, cfg.model.img_size, patch, args.seed)
     methods = strategy_methods(cfg, names, args.checkpoint)

@@ -12,9 +12,16 @@ from pathlib import Path
 
 from PIL import Image
 
+from mimscale.errors import UserError
+
 from .base import Record, check_ids
 
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class NoImagesError(UserError, ValueError):
+    """A folder with no images in class sub-folders: bad input (a ``ValueError`` for the callers
+    that catch one)."""
 
 
 class ImageFolderSource:
@@ -36,7 +43,7 @@ class ImageFolderSource:
             for p in sorted((self.root / c).rglob("*"))
             if p.suffix.lower() in exts and p.is_file()]
         if not self.samples:
-            raise ValueError(f"no images ({', '.join(exts)}) in class sub-folders of {self.root}")
+            raise NoImagesError(f"no images ({', '.join(exts)}) in class sub-folders of {self.root}")
         self.shard_sizes = [len(self.samples)]
 
     def __len__(self) -> int:

@@ -79,11 +79,7 @@ def _run(cfg, args, run) -> int:
         sys.stdout.write(to_yaml(cfg))
         return 0
     cfg.validate()
-    try:
-        summary = run(cfg)
-    except (ValueError, KeyError) as e:  # a checkpoint or dataset that does not fit: say what, no trace
-        print(f"mimscale {args.command}: {e}", file=sys.stderr)
-        return 2
+    summary = run(cfg)
     where = summary.run_dir / "eval.json"
     print(f"done: {summary.iters} iterations in {summary.wall_time:.1f}s; metrics {where}"
           + (f"; checkpoint {summary.checkpoint}" if summary.checkpoint else ""))

@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mimscale.config import ConfigError
+
 from . import functional as F
 from .scoring import block_qk, cls_attention_all_blocks, input_tokens
 from .selectors import masked_counts, select
@@ -194,7 +196,7 @@ class GPAStrategy(Strategy):
         super().__init__(cfg)
         c = cfg.gpa
         if c.head != "mean" and not 0 <= c.head < num_heads:
-            raise ValueError(f"masking.gpa.head={c.head} but the scoring network has {num_heads} heads; "
+            raise ConfigError(f"masking.gpa.head={c.head} but the scoring network has {num_heads} heads; "
                              "pick one with `mimscale select-head` or use masking.gpa.head=mean")
         self.c = c
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from mimscale.config import STRATEGIES
 
-from ..common import reported
 from .output import AnalysisError
 
 CHECKPOINTS_HELP = ("mimscale run folder (newest checkpoint), step_* folder or state.pt, official MAE .pth, "
@@ -48,14 +47,14 @@ def register(sub) -> None:
                                     "entropy (CLS dropped, re-softmaxed), one colour per checkpoint.")
     _checkpoint_args(a, "+")
     _common(a, "analysis/attention", 32, 16)
-    a.set_defaults(func=reported(_attention))
+    a.set_defaults(func=_attention)
 
     c = asub.add_parser("cka", help="minibatch linear CKA between every block of two checkpoints",
                         description="Minibatch linear CKA (unbiased HSIC) between the block inputs of two "
                                     "checkpoints, or of one with itself.")
     _checkpoint_args(c, "+")
     _common(c, "analysis/cka", 64, 32)
-    c.set_defaults(func=reported(_cka))
+    c.set_defaults(func=_cka)
 
     m = asub.add_parser("masks", help="fraction of object / background patches each strategy hides vs random",
                         description="Per strategy: object and background patches hidden, against random at "
@@ -69,7 +68,7 @@ def register(sub) -> None:
                    help="where in training the schedules stand (GPA soft-to-hard): 0 start, 1 end (default)")
     _common(m, "analysis/masks", 64, 32)
     m.add_argument("overrides", nargs="*", help="config overrides, e.g. masking.ratio=0.6 model.img_size=64")
-    m.set_defaults(func=reported(_masks))
+    m.set_defaults(func=_masks)
 
     r = asub.add_parser("pimr", help="PIMR and Global PIMR over mask ratios from a results table",
                         description="PIMR (eq. 5) and Global PIMR (eq. 6) of seed 003 from (model, mask ratio, "
@@ -80,7 +79,7 @@ def register(sub) -> None:
     r.add_argument("--value-key", default=None, help="column of the accuracy (default: accuracy, acc, top1 or value)")
     r.add_argument("--benchmark", default=None, help="keep only records whose 'benchmark' is this")
     r.add_argument("--out", default="analysis/pimr", help="output folder (default analysis/pimr)")
-    r.set_defaults(func=reported(_pimr))
+    r.set_defaults(func=_pimr)
 
     pl = sub.add_parser("plot", help="PNG curves of a run's metrics (several runs overlaid)",
                         description="Every logged metric of the runs' metrics.jsonl, grouped into panels: "
@@ -90,7 +89,7 @@ def register(sub) -> None:
     pl.add_argument("--x", choices=("step", "time"), default="step", help="x axis (default step)")
     pl.add_argument("--smooth", type=float, default=0.0, help="EMA smoothing weight in [0, 1) (default 0)")
     pl.add_argument("--out", default="analysis/curves", help="output folder (default analysis/curves)")
-    pl.set_defaults(func=reported(_plot))
+    pl.set_defaults(func=_plot)
 
 
 def _encoders(args):

@@ -7,8 +7,10 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from mimscale.errors import UserError
 
-class AnalysisError(ValueError):
+
+class AnalysisError(UserError, ValueError):
     """Input an analysis cannot use; the message says what is wrong and what would work."""
 
 

@@ -14,8 +14,10 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset
 
+from mimscale.errors import UserError
 
-class DatasetLayoutError(FileNotFoundError):
+
+class DatasetLayoutError(UserError, FileNotFoundError):
     """A data set's folder does not have the official layout; the message shows the layout."""
 
     def __init__(self, dataset: str, root: str | os.PathLike, problem: str, layout: str):
