@@ -9,6 +9,7 @@ import sys
 
 from mimscale import __version__
 from mimscale.config import ConfigError, available_recipes, load_config, to_yaml
+from mimscale.errors import UserError
 
 OVERRIDES_HELP = "config overrides as key=value, e.g. recipe=mae model.name=mae_vit_tiny_patch16 optim.blr=1e-4"
 
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"mimscale: config error: {e}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
+    except (FileNotFoundError, UserError) as e:
         print(f"mimscale: {e}", file=sys.stderr)
         return 2
     if not joined and _in_process_group():  # the command joined one (torchrun, srun): leave it
