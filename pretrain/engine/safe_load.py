@@ -44,9 +44,9 @@ def allowed_globals(deepspeed: bool = False) -> list:
 def _unsafe(path: Path, name: str) -> CheckpointError:
     return CheckpointError(
         f"{path} holds Python objects that are not allowed to be loaded ({name}): refusing to unpickle "
-        "it, since loading it could run code; if you trust the file, load it yourself with "
-        "torch.load(weights_only=False) and re-save its tensors as a plain dict "
-        "(torch.save({'model': state_dict}, 'clean.pth')) or as .safetensors")
+        "it, since loading it could run code; if you trust the file, re-save only its tensors: in "
+        "Python, torch.load it with weights_only turned off and torch.save a plain dict of its tensors "
+        "(torch.save({'model': state_dict}, 'clean.pth')), or save them as .safetensors")
 
 
 def _unreadable(path: Path, error: Exception) -> CheckpointError:
