@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -76,9 +75,9 @@ class TeacherEncoder(nn.Module):
 
 
 def frozen_teacher(path: str, model_name: str, img_size: int, patch_size: int | None, depth: int) -> TeacherEncoder:
-    """A teacher from a checkpoint: a mimscale checkpoint folder or an official MAE ``.pth``
-    (encoder-only files included), truncated to ``depth`` blocks."""
-    from mimscale.pretrain.engine.checkpoint import STATE_FILE, load_checkpoint
+    """A teacher from any checkpoint ``resolve_checkpoint`` accepts (a mimscale run or checkpoint
+    folder, an official MAE or timm file; encoder-only files included), truncated to ``depth``
+    blocks."""
     from mimscale.pretrain.models import build_mae, load_mae_checkpoint
     from mimscale.pretrain.models.export import read_state_dict
 
@@ -86,10 +85,7 @@ def frozen_teacher(path: str, model_name: str, img_size: int, patch_size: int | 
     if patch_size is not None:
         overrides["patch_size"] = patch_size
     model = build_mae(model_name, **overrides)
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"teacher.checkpoint {p} does not exist")
-    state = load_checkpoint(p)["model"] if p.is_dir() or p.name == STATE_FILE else read_state_dict(p)
+    state = read_state_dict(path)
     encoder = {k: v for k, v in state.items() if k != "mask_token" and not k.startswith("decoder_")}
     load_mae_checkpoint(model, encoder)  # strict on every encoder key
     return TeacherEncoder.from_student(model, depth)

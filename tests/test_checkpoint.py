@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from mimscale.errors import CheckpointError
 from mimscale.pretrain.engine import checkpoint as ckpt
 from mimscale.pretrain.engine.checkpoint import CheckpointManager, load_checkpoint, resolve_resume
 
@@ -76,12 +77,12 @@ def test_sigkill_during_write_keeps_previous(tmp_path):
 
 
 def test_incomplete_or_missing_checkpoint_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope")
     half = tmp_path / "step_00000005"
     half.mkdir()
     (half / "state.pt").write_bytes(b"12")
-    with pytest.raises(FileNotFoundError, match="incomplete"):
+    with pytest.raises(CheckpointError, match="incomplete"):
         resolve_resume(str(half), CheckpointManager(tmp_path))
     assert resolve_resume("auto", CheckpointManager(tmp_path)) is None
     assert resolve_resume("none", CheckpointManager(tmp_path)) is None

@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 from mimscale.downstream.classify.model import build_vit, load_weights
 from mimscale.downstream.classify.weights import read_weights
+from mimscale.errors import CheckpointError
 from mimscale.pretrain.models import build_mae, to_timm_state_dict
 
 
@@ -80,5 +81,5 @@ def test_position_table_resampled_and_mismatches_named(tmp_path, mae):
     small = build_vit("mae_vit_small_patch16", 8, 32, 3)
     with pytest.raises(ValueError, match="other shapes than the model"):
         load_weights(small, w)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         read_weights(tmp_path / "missing.pth")

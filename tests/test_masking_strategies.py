@@ -12,6 +12,7 @@ from object_attending import (
 )
 
 from mimscale.config import load_config
+from mimscale.errors import CheckpointError
 from mimscale.pretrain.masking import functional as F
 from mimscale.pretrain.masking.multishot import ShotPlan, resolve_layer
 from mimscale.pretrain.method import MIMMethod
@@ -89,7 +90,7 @@ def test_frozen_teacher_loads_official_checkpoint_and_is_truncated(attending_che
     before = {k: v.clone() for k, v in gpa.teacher.state_dict().items()}
     gpa.after_optimizer_step(5, 10)
     assert all(torch.equal(before[k], v) for k, v in gpa.teacher.state_dict().items())  # frozen never changes
-    with pytest.raises(FileNotFoundError, match="missing.pth"):
+    with pytest.raises(CheckpointError, match="missing.pth does not exist"):
         method("masking.strategy=gpa", "teacher.type=frozen", "teacher.checkpoint=/nonexistent/missing.pth")
     with pytest.raises(ValueError, match="heads"):
         method("masking.strategy=gpa", "teacher.type=frozen", f"teacher.checkpoint={attending_checkpoint}")

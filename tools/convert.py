@@ -22,15 +22,21 @@ SOURCES = {"auto": None, "full": "full", "ddp": "full", "fsdp": "dcp", "deepspee
 
 
 def _read(checkpoint: str, source: str) -> dict:
-    from mimscale.pretrain.engine.checkpoint import checkpoint_format, load_checkpoint, read_state
+    from mimscale.pretrain.engine.checkpoint import (
+        checkpoint_folder,
+        checkpoint_format,
+        load_checkpoint,
+        read_state,
+    )
 
-    fmt = checkpoint_format(read_state(checkpoint))
+    folder = checkpoint_folder(checkpoint)  # a run folder: its newest complete checkpoint
+    fmt = checkpoint_format(read_state(folder))
     expected = SOURCES[source]
     if expected is not None and expected != fmt:
         written = {"full": "ddp (a full checkpoint)", "dcp": "fsdp", "deepspeed": "deepspeed"}[fmt]
         raise UserError(f"--from {source}: {checkpoint} was written by {written}; use --from "
                          f"{'ddp' if fmt == 'full' else written} or --from auto")
-    return load_checkpoint(checkpoint)
+    return load_checkpoint(folder)
 
 
 def to_plain_checkpoint(state: dict, out: Path) -> list[Path]:
@@ -122,7 +128,8 @@ def register(sub) -> None:
     p = sub.add_parser("convert", help="consolidate sharded checkpoints; export encoders to timm",
                        description="Consolidate an fsdp (DCP) or deepspeed checkpoint into one plain "
                                    "checkpoint, or export the student encoder (and teacher) to timm.")
-    p.add_argument("checkpoint", help="a checkpoint folder (runs/<name>/checkpoints/step_XXXXXXXX)")
+    p.add_argument("checkpoint", help="a checkpoint folder (runs/<name>/checkpoints/step_XXXXXXXX) or a "
+                                      "run folder (its newest complete checkpoint)")
     p.add_argument("--out", required=True, help="output folder (--to checkpoint) or file (--to timm: "
                                                 ".safetensors, .pth or .pt)")
     p.add_argument("--from", dest="source", choices=list(SOURCES), default="auto",

@@ -24,6 +24,7 @@ from mimscale.config import (
     parse_overrides,
     to_dict,
 )
+from mimscale.pretrain.engine.checkpoint import check_checkpoint_option
 
 from .datasets import DATASETS
 
@@ -176,8 +177,8 @@ def _feature_checks(cfg) -> None:
                           "trains nothing, so there is no state to shard; checkpoints pretrained with any "
                           "backend load as-is)")
     check_sharding_options(e)
-    if cfg.checkpoint and not Path(cfg.checkpoint).exists():
-        raise ConfigError(f"checkpoint: {cfg.checkpoint} does not exist")
+    if cfg.checkpoint:
+        check_checkpoint_option("checkpoint", cfg.checkpoint)
     if cfg.model.name == "auto" and not cfg.checkpoint:
         raise ConfigError("model.name=auto reads the encoder size from the checkpoint; give checkpoint=... "
                           "or a model name (e.g. model.name=mae_vit_base_patch16)")

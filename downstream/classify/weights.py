@@ -18,14 +18,9 @@ from pathlib import Path
 
 import torch
 
-from mimscale.pretrain.engine.checkpoint import load_checkpoint
-from mimscale.pretrain.models.export import read_state_dict
-from mimscale.tools.analysis.encoders import (
-    default_label,
-    encoder_weights,
-    infer_architecture,
-    resolve_mimscale,
-)
+from mimscale.pretrain.engine.checkpoint import load_checkpoint, resolve_checkpoint
+from mimscale.pretrain.models.export import read_file, read_state_dict
+from mimscale.tools.analysis.encoders import default_label, encoder_weights, infer_architecture
 
 
 @dataclass
@@ -65,14 +60,12 @@ def _strip_decoder(state: dict) -> dict:
 
 
 def read_weights(path: str | os.PathLike) -> PretrainedWeights:
-    """Read and classify a checkpoint; a missing path raises FileNotFoundError."""
+    """Read and classify a checkpoint of any kind ``resolve_checkpoint`` accepts; a bad path or
+    file raises ``CheckpointError``."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist (give a mimscale run or checkpoint "
-                                "folder, an MAE .pth, or a timm state dict)")
-    folder = resolve_mimscale(path)
-    if folder is not None:
-        ckpt = load_checkpoint(folder)
+    kind, found = resolve_checkpoint(path)
+    if kind == "mimscale":
+        ckpt = load_checkpoint(found)
         config = ckpt.get("config") or {}
         if "classifier" in ckpt:  # written by mimscale finetune / linprobe
             meta = ckpt["classifier"]
@@ -83,13 +76,7 @@ def read_weights(path: str | os.PathLike) -> PretrainedWeights:
         return PretrainedWeights(_strip_decoder(ckpt["model"]), "mimscale", default_label(path),
                                  model.get("name"), model.get("patch_size"), config.get("recipe"),
                                  mask_ratio=_ratio((config.get("masking") or {}).get("ratio")))
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return PretrainedWeights(load_file(str(path)), "timm", path.stem)
-    raw = torch.load(path, map_location="cpu", weights_only=False)  # MAE files pickle their args
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path} holds a {type(raw).__name__}, not a state dict")
+    raw = read_file(found)
     kind = "mae" if isinstance(raw.get("model"), dict) else "timm"
     args = raw.get("args")  # MAE pickles its argparse namespace
     ratio = args.get("mask_ratio") if isinstance(args, dict) else getattr(args, "mask_ratio", None)
@@ -109,5 +96,5 @@ def _cached(path: str, mtime: float) -> PretrainedWeights:
 def cached_weights(path: str | os.PathLike) -> PretrainedWeights:
     """``read_weights`` once per file version (the config reads the architecture, the run the
     weights)."""
-    p = Path(path)
-    return _cached(str(p.resolve()), p.stat().st_mtime if p.exists() else 0.0)
+    found = resolve_checkpoint(path).path  # a run folder: keyed on its newest checkpoint
+    return _cached(str(found.resolve()), found.stat().st_mtime)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from mimscale.config import ConfigError, _apply, _opt, _yaml, parse_overrides
+from mimscale.pretrain.engine.checkpoint import check_checkpoint_option
 
 
 @dataclass
@@ -81,5 +82,5 @@ def validate_backbone(b: BackboneConfig) -> None:
     if b.name == "auto" and not b.checkpoint:
         raise ConfigError("backbone.name=auto reads the model from backbone.checkpoint; give a checkpoint "
                           "or a model name (e.g. backbone.name=mae_vit_base_patch16)")
-    if b.checkpoint and not Path(b.checkpoint).exists():
-        raise ConfigError(f"backbone.checkpoint: {b.checkpoint} does not exist")
+    if b.checkpoint:
+        check_checkpoint_option("backbone.checkpoint", b.checkpoint)

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from mimscale.pretrain.models.export import read_state_dict
+from mimscale.pretrain.models.export import read_checkpoint, read_state_dict
 from mimscale.pretrain.models.factory import MODEL_SIZES
 
 from .backbone import ViTBackbone, resize_pos_embed
@@ -31,32 +30,17 @@ class EncoderWeights:
     arch: dict | None = None
 
 
-def _is_mimscale_checkpoint(path: Path) -> bool:
-    return path.is_dir() or path.name == "state.pt"
-
-
 def read_encoder_weights(source: str | os.PathLike | dict | EncoderWeights) -> EncoderWeights:
+    """The encoder weights of a loaded dict or of any checkpoint path ``resolve_checkpoint``
+    accepts (a converted mmdet / mmseg file included)."""
     if isinstance(source, EncoderWeights):
         return source
-    if isinstance(source, dict):  # a loaded file, or a loaded mimscale checkpoint (with its config)
-        model = (source.get("config") or {}).get("model") or {}
-        arch = ({"name": model["name"], "patch_size": model.get("patch_size")} if "name" in model
-                else (source.get("meta") or {}).get("arch"))
-        return EncoderWeights(_strip(read_state_dict(source)), arch)
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"backbone checkpoint not found: {path} (give a mimscale checkpoint "
-                                "folder, an MAE/timm .pth or a converted file)")
-    if _is_mimscale_checkpoint(path):
-        from mimscale.pretrain.engine.checkpoint import load_checkpoint
-
-        ckpt = load_checkpoint(path)
-        model = (ckpt.get("config") or {}).get("model") or {}
-        arch = {"name": model["name"], "patch_size": model.get("patch_size")} if "name" in model else None
-        return EncoderWeights(_strip(ckpt["model"]), arch)
-    raw = torch.load(path, map_location="cpu", weights_only=False)  # MAE files pickle their args
-    meta = raw.get("meta") if isinstance(raw, dict) else None
-    return EncoderWeights(_strip(read_state_dict(raw)), (meta or {}).get("arch"))
+    if not isinstance(source, dict):
+        source = read_checkpoint(source)
+    model = (source.get("config") or {}).get("model") or {}  # a mimscale checkpoint records its model
+    arch = ({"name": model["name"], "patch_size": model.get("patch_size")} if "name" in model
+            else (source.get("meta") or {}).get("arch"))  # a converted file records it under meta
+    return EncoderWeights(_strip(read_state_dict(source)), arch)
 
 
 def _strip(state: dict) -> dict:

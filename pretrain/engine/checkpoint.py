@@ -24,9 +24,13 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+
+from mimscale.errors import CheckpointError
+
+from .safe_load import load_file
 
 MARKER = "COMPLETE"
 STATE_FILE = "state.pt"
@@ -159,18 +163,82 @@ def checkpoint_format(state: dict) -> str:
     return state.get("format", "full")
 
 
-def read_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The ``state.pt`` of a complete checkpoint folder (or the file itself), without reading
-    shards; say clearly what is wrong if it is not there."""
+ACCEPTED = ("give a mimscale run folder, its checkpoints/ folder, a step_* folder or its state.pt, an "
+            "official MAE .pth, or a timm .pth/.bin/.safetensors file")
+
+
+class ResolvedCheckpoint(NamedTuple):
+    """What a checkpoint path means: ``kind`` is ``mimscale`` (``path`` is a complete checkpoint
+    folder) or ``file`` (``path`` is a weights file: an official MAE or timm ``.pth``/``.bin``/
+    ``.safetensors``; its contents tell which)."""
+
+    kind: str
+    path: Path
+
+
+def _incomplete(folder: Path) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {folder} is incomplete (no {MARKER} marker or no {STATE_FILE}): it was "
+        "interrupted while being written; use an earlier one or resume=auto")
+
+
+def _looks_like_checkpoint(folder: Path) -> bool:
+    return bool(_STEP_DIR.match(folder.name)) or (folder / STATE_FILE).exists() or (folder / MARKER).exists()
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> ResolvedCheckpoint:
+    """The one meaning of every option that takes a checkpoint: a run folder or its
+    ``checkpoints/`` folder -> the newest complete checkpoint; a checkpoint folder or its
+    ``state.pt`` -> that checkpoint (only if complete); any other file -> a weights file. Reads
+    no tensors; raises ``CheckpointError`` saying what is wrong and what works."""
     path = Path(path)
-    folder = path.parent if path.name == STATE_FILE else path
-    if not folder.exists():
-        raise FileNotFoundError(f"checkpoint {folder} does not exist")
-    if not is_complete(folder):
-        raise FileNotFoundError(
-            f"checkpoint {folder} is incomplete (no {MARKER} marker or no {STATE_FILE}): "
-            "it was interrupted while being written; use an earlier one or resume=auto")
-    return torch.load(folder / STATE_FILE, map_location=map_location, weights_only=True)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; {ACCEPTED}")
+    if path.is_file():
+        if path.name != STATE_FILE:
+            return ResolvedCheckpoint("file", path)
+        path = path.parent
+    if is_complete(path):
+        return ResolvedCheckpoint("mimscale", path)
+    if _looks_like_checkpoint(path):
+        raise _incomplete(path)
+    for folder in (path / "checkpoints", path):
+        if folder.is_dir() and any(_STEP_DIR.match(p.name) for p in folder.iterdir()):
+            latest = CheckpointManager(folder).latest()
+            if latest is None:
+                break
+            return ResolvedCheckpoint("mimscale", latest)
+    raise CheckpointError(
+        f"{path} holds no complete checkpoint (only step_* folders with a {MARKER} marker count, in "
+        f"it or in its checkpoints/ folder); {ACCEPTED}")
+
+
+def check_checkpoint_option(option: str, path: str | os.PathLike) -> None:
+    """Config validation of an option that takes a checkpoint: a bad path fails before any work,
+    as a ``ConfigError`` naming the option."""
+    from mimscale.config import ConfigError
+
+    try:
+        resolve_checkpoint(path)
+    except CheckpointError as e:
+        raise ConfigError(f"{option}: {e}") from None
+
+
+def checkpoint_folder(path: str | os.PathLike) -> Path:
+    """The complete mimscale checkpoint folder ``path`` names (a run folder: its newest); a weights
+    file is refused, since it holds no run state."""
+    kind, folder = resolve_checkpoint(path)
+    if kind != "mimscale":
+        raise CheckpointError(
+            f"{folder} is a weights file, not a mimscale checkpoint (no run state: step, data position, "
+            "optimizer); give a run folder, its checkpoints/ folder, a step_* folder or its state.pt")
+    return folder
+
+
+def read_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The ``state.pt`` of a complete checkpoint (any path ``checkpoint_folder`` accepts), without
+    reading shards."""
+    return load_file(checkpoint_folder(path) / STATE_FILE, map_location)
 
 
 def full_model_state(folder: str | Path, state: dict) -> tuple[dict, dict | None]:
@@ -202,10 +270,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     ``rng``, ``config``, ... Sharded checkpoints are consolidated in memory (no process group)."""
     from mimscale.pretrain.method import MIMMethod
 
-    state = read_state(path, map_location)
+    folder = checkpoint_folder(path)
+    state = read_state(folder, map_location)
     if checkpoint_format(state) == "full":
         return state
-    model, optimizer = full_model_state(path, state)
+    model, optimizer = full_model_state(folder, state)
     student, method = MIMMethod.split_state_dict(model)
     out = {**state, "model": student, "method": method}
     if optimizer is not None:
@@ -214,12 +283,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def resolve_resume(resume: str, manager: CheckpointManager) -> Path | None:
-    """``none`` -> None; ``auto`` -> newest complete checkpoint (or None); else the given path."""
+    """``none`` -> None; ``auto`` -> the newest complete checkpoint of this run (or None); else the
+    checkpoint folder the path names (a run folder: its newest complete checkpoint)."""
     if resume in ("none", ""):
         return None
     if resume == "auto":
         return manager.latest()
-    path = Path(resume)
-    if not is_complete(path if path.name != STATE_FILE else path.parent):
-        read_state(path)  # raises with the reason
-    return path
+    return checkpoint_folder(resume)

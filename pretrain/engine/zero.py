@@ -21,10 +21,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mimscale.errors import CheckpointError
+
 from .backend import Backend
 from .checkpoint import checkpoint_format
 from .fsdp import init_single_process_group
 from .memory import nested_bytes, parameter_bytes
+from .safe_load import load_file
 
 TAG = "deepspeed"  # DeepSpeed's checkpoint tag = the sub-folder of the checkpoint folder
 
@@ -173,6 +176,7 @@ class DeepSpeedBackend(Backend):
             raise ValueError(f"checkpoint {folder} was written by {written_on} ranks, this run has "
                              f"{self.env.world_size}: DeepSpeed's ZeRO files load on the same number of "
                              "ranks (engine.backend=fsdp checkpoints reshard freely)")
+        vet_deepspeed_files(folder)
         path, _ = self.engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
         if path is None:
@@ -201,6 +205,14 @@ def _register_container_params(deepspeed, root: nn.Module) -> None:
             deepspeed.zero.register_external_parameter(root, p)
 
 
+def vet_deepspeed_files(folder: Path) -> None:
+    """Check that every file DeepSpeed will read from ``folder`` holds only tensors, containers and
+    DeepSpeed's few allowed classes: DeepSpeed unpickles them fully (it can run a file's code),
+    so a file that names anything else is refused before DeepSpeed opens it."""
+    for path in sorted((Path(folder) / TAG).glob("*.pt")):
+        load_file(path, deepspeed=True, mmap=True)
+
+
 def read_deepspeed(folder: Path) -> dict:
     """The fp32 model state dict (parameters, buffers and the teacher) of a DeepSpeed checkpoint
     folder, consolidated in this process.
@@ -213,10 +225,10 @@ def read_deepspeed(folder: Path) -> dict:
 
     files = sorted((Path(folder) / TAG).glob("*model_states.pt"))
     if not files:
-        raise FileNotFoundError(f"checkpoint {folder} says it is a deepspeed checkpoint but has no "
-                                f"{TAG}/*model_states.pt: it is damaged")
-    # DeepSpeed's own files pickle its config objects, so they need the full unpickler
-    module = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        raise CheckpointError(f"checkpoint {folder} says it is a deepspeed checkpoint but has no "
+                              f"{TAG}/*model_states.pt: it is damaged; use an earlier checkpoint")
+    vet_deepspeed_files(folder)
+    module = load_file(files[0], deepspeed=True)["module"]
     state = {k: v for k, v in module.items() if not isinstance(v, torch.Tensor) or v.numel() > 0}
     fp32 = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=TAG)
     state.update({k: v.contiguous() for k, v in fp32.items()})

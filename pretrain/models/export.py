@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
-import pickle
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
+
+from mimscale.errors import CheckpointError
+from mimscale.pretrain.engine.checkpoint import load_checkpoint, resolve_checkpoint
+from mimscale.pretrain.engine.safe_load import load_file
 
 from .mae import MaskedAutoencoderViT
 
@@ -44,21 +46,26 @@ class LoadResult:
     missing_keys: list[str] = field(default_factory=list)
 
 
-def _read(path: str | os.PathLike) -> Any:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"MAE checkpoint not found: {os.fspath(path)!r}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Official MAE checkpoints pickle an argparse.Namespace under 'args', which the safe
-        # loader refuses. Fall back to full unpickling: only do this for files you trust.
-        return torch.load(path, map_location="cpu", weights_only=False)
+def read_file(path: str | os.PathLike) -> dict:
+    """The dict a weights file holds (an official MAE or timm ``.pth``/``.bin``/``.safetensors``),
+    read without unpickling code."""
+    raw = load_file(path)
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{os.fspath(path)} holds a {type(raw).__name__}, not a state dict; give "
+                              "a file that torch.save wrote a dict of tensors to (an MAE or timm checkpoint)")
+    return raw
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Any checkpoint path, as a dict: a mimscale run / checkpoint folder (consolidated) or a file."""
+    kind, found = resolve_checkpoint(path)
+    return load_checkpoint(found) if kind == "mimscale" else read_file(found)
 
 
 def read_state_dict(path_or_state: str | os.PathLike | dict) -> dict:
-    """The bare state dict of an MAE-style checkpoint: unwraps ``model`` / ``state_dict`` and a
-    ``module.`` prefix."""
-    state = path_or_state if isinstance(path_or_state, dict) else _read(path_or_state)
+    """The bare state dict of an MAE-style checkpoint (a path of any kind ``resolve_checkpoint``
+    accepts, or a loaded dict): unwraps ``model`` / ``state_dict`` and a ``module.`` prefix."""
+    state = path_or_state if isinstance(path_or_state, dict) else read_checkpoint(path_or_state)
     for key in ("model", "state_dict"):
         if isinstance(state.get(key), dict):
             state = state[key]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from mimscale.pretrain.engine.checkpoint import CheckpointManager, is_complete, load_checkpoint
+from mimscale.pretrain.engine.checkpoint import load_checkpoint, resolve_checkpoint
 from mimscale.pretrain.masking.scoring import input_tokens
 from mimscale.pretrain.models import (
     MODEL_SIZES,
@@ -24,7 +24,7 @@ from mimscale.pretrain.models import (
     build_mae,
     load_mae_checkpoint,
 )
-from mimscale.pretrain.models.export import read_state_dict
+from mimscale.pretrain.models.export import read_file, read_state_dict
 
 from .output import AnalysisError
 
@@ -40,22 +40,9 @@ class Encoder:
 
 def resolve_mimscale(path: Path) -> Path | None:
     """The complete checkpoint folder a path names (run folder -> its newest), or None if the path
-    is not a mimscale checkpoint at all."""
-    if path.name == "state.pt":
-        return path.parent
-    if not path.is_dir():
-        return None
-    if is_complete(path):
-        return path
-    for folder in (path / "checkpoints", path):
-        if folder.is_dir() and any(_STEP.match(p.name) for p in folder.iterdir()):
-            latest = CheckpointManager(folder).latest()
-            if latest is None:
-                raise AnalysisError(f"{folder} holds no complete checkpoint (no step_* folder with a "
-                                    "COMPLETE marker)")
-            return latest
-    raise AnalysisError(f"{path} is a folder but neither a mimscale run, a checkpoints folder nor a "
-                        "checkpoint; give a run folder, a step_* folder, a state.pt or a .pth file")
+    is a weights file (MAE / timm); ``resolve_checkpoint`` decides, and raises for bad paths."""
+    kind, found = resolve_checkpoint(path)
+    return found if kind == "mimscale" else None
 
 
 def default_label(path: Path) -> str:
@@ -70,17 +57,11 @@ def default_label(path: Path) -> str:
 
 def read_weights(path: Path) -> tuple[dict, str | None]:
     """(encoder state dict under MAE / timm keys, the model name the checkpoint records if any)."""
-    folder = resolve_mimscale(path)
-    if folder is not None:
-        state = load_checkpoint(folder)
+    kind, found = resolve_checkpoint(path)
+    if kind == "mimscale":
+        state = load_checkpoint(found)
         return state["model"], state.get("config", {}).get("model", {}).get("name")
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path)), None
-    return read_state_dict(path), None
+    return read_state_dict(read_file(found)), None
 
 
 def encoder_weights(state: dict) -> dict:
