@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from mimscale.errors import CheckpointError
+
 
 def ema_momentum(step: int, total_steps: int, base: float = 0.996, final: float = 1.0) -> float:
     """Cosine ramp of the EMA momentum from ``base`` at step 0 to ``final`` at ``total_steps``."""
@@ -87,5 +89,9 @@ def frozen_teacher(path: str, model_name: str, img_size: int, patch_size: int | 
     model = build_mae(model_name, **overrides)
     state = read_state_dict(path)
     encoder = {k: v for k, v in state.items() if k != "mask_token" and not k.startswith("decoder_")}
-    load_mae_checkpoint(model, encoder)  # strict on every encoder key
+    try:
+        load_mae_checkpoint(model, encoder)  # strict on every encoder key
+    except CheckpointError as e:
+        raise CheckpointError(f"teacher.checkpoint {path}: {e}; teacher.model names the teacher's size "
+                              "when it differs from the student's") from e
     return TeacherEncoder.from_student(model, depth)

@@ -11,6 +11,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from mimscale.errors import CheckpointError
 from mimscale.pretrain.models import (
     MAEOutput,
     MaskedAutoencoderViT,
@@ -175,12 +176,18 @@ def test_load_mae_checkpoint_full_and_encoder_only(tmp_path):
     assert torch.equal(fresh.decoder_pred.weight, dec_before)
 
     load_mae_checkpoint(small_mae(), {"state_dict": src.state_dict()})
-    with pytest.raises(FileNotFoundError, match="nope.pth"):
+    with pytest.raises(CheckpointError, match="nope.pth does not exist"):
         load_mae_checkpoint(dst, tmp_path / "nope.pth")
     bad = dict(src.state_dict())
     bad.pop("norm.bias")
-    with pytest.raises(RuntimeError):
+    with pytest.raises(CheckpointError, match=r"1 missing: norm\.bias$"):
         load_mae_checkpoint(dst, bad)
+    bad["norm.bias"], bad["extra"] = torch.zeros(3), torch.zeros(1)
+    with pytest.raises(CheckpointError, match=r"1 unexpected: extra; 1 of another shape .*: norm\.bias \(3,\) vs"):
+        load_mae_checkpoint(dst, bad)
+    encoder = {k: v for k, v in src.state_dict().items() if not k.startswith("decoder_") and k != "mask_token"}
+    with pytest.raises(CheckpointError, match=r"is 192 wide, the model 384\)$"):
+        load_mae_checkpoint(small_mae(embed_dim=384), encoder)  # an encoder-only file of another size
 
 
 # ------------------------------------------------------------------------------- timm export

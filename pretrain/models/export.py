@@ -82,16 +82,30 @@ def load_mae_checkpoint(model: nn.Module, path_or_state: str | os.PathLike | dic
     it left at their initial values.
     """
     state = read_state_dict(path_or_state)
-
     target = _unwrap(model)
-    if any(_is_decoder_key(k) for k in state):
-        target.load_state_dict(state, strict=True)
+    encoder_only = not any(_is_decoder_key(k) for k in state)
+    _check_fit(target.state_dict(), state, encoder_only)
+    result = target.load_state_dict(state, strict=not encoder_only)
+    if not encoder_only:
         return LoadResult(encoder_only=False)
-    result = target.load_state_dict(state, strict=False)
-    bad_missing = [k for k in result.missing_keys if not _is_decoder_key(k)]
-    if bad_missing or result.unexpected_keys:
-        raise RuntimeError(
-            "encoder-only MAE checkpoint does not match the encoder: "
-            f"missing {bad_missing}, unexpected {list(result.unexpected_keys)}"
-        )
     return LoadResult(encoder_only=True, missing_keys=list(result.missing_keys))
+
+
+def _check_fit(own: dict, state: dict, encoder_only: bool) -> None:
+    """Raise one readable CheckpointError when ``state`` cannot load into a model whose state dict
+    is ``own`` (torch's own message lists every tensor, hundreds of lines for a ViT)."""
+    missing = [k for k in own if k not in state and not (encoder_only and _is_decoder_key(k))]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+             if k in state and state[k].shape != v.shape]
+    if not (missing or unexpected or wrong):
+        return
+    parts = []
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape (checkpoint vs "
+                                                                           "model)", wrong)):
+        if keys:
+            parts.append(f"{len(keys)} {what}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}")
+    width = state.get("cls_token")
+    hint = (f" (the checkpoint's ViT is {width.shape[-1]} wide, the model {own['cls_token'].shape[-1]})"
+            if width is not None and "cls_token" in own and width.shape[-1] != own["cls_token"].shape[-1] else "")
+    raise CheckpointError(f"the checkpoint's weights do not fit the model: {'; '.join(parts)}{hint}")
