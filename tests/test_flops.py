@@ -8,6 +8,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mimscale.config import available_recipes
 from mimscale.pretrain.engine.flops import peak_tflops, step_flops
+from mimscale.pretrain.engine.logger import read_metrics
+from mimscale.pretrain.engine.trainer import Trainer
 from mimscale.pretrain.masking.functional import num_visible
 from mimscale.pretrain.method import MIMMethod
 
@@ -68,3 +70,23 @@ def test_parts_follow_the_plan(tiny_config):
 def test_peak_table():
     assert peak_tflops("cpu", "bf16") is None
     assert peak_tflops("cpu", "fp32", override=12.5) == 12.5
+
+
+@pytest.mark.parametrize("peak", [None, 0.5])
+def test_training_logs_tflops_and_mfu(peak, tiny_config, capsys):
+    cfg = tiny_config("schedule.max_steps=3", "optim.accum_steps=2", "data.batch_size=4",
+                      *([f"engine.peak_tflops={peak}"] if peak else []))
+    summary = Trainer(cfg).fit()
+    records = read_metrics(summary.metrics)
+    flops_per_step = step_flops(cfg).per_step  # one optimizer step: 2 micro-steps of 4 images
+    for r in records:
+        steps_per_s = r["images_per_s"] / (4 * 2)
+        assert r["tflops_per_s"] == pytest.approx(flops_per_step * steps_per_s / 1e12, rel=1e-9)
+        assert r["tflops_per_s"] > 0
+        if peak:
+            assert r["mfu"] == pytest.approx(r["tflops_per_s"] / peak, rel=1e-9)
+        else:
+            assert r["mfu"] is None  # a CPU has no known peak
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert len(lines) == 3 and all("tflops_per_s=" in line for line in lines)
+    assert all(("mfu=" in line) == bool(peak) for line in lines)

@@ -113,9 +113,12 @@ class StepFlops:
         return self.per_image * self.batch * self.accum
 
     def table(self) -> str:
-        rows = [f"| {name} | {p.forward / 1e9:.3f} | {p.backward / 1e9:.3f} |" for name, p in self.parts.items()]
+        parts = [*self.parts.items(), ("total", Part(sum(p.forward for p in self.parts.values()),
+                                                     sum(p.backward for p in self.parts.values())))]
+        rows = [f"| {name} | {p.forward / 1e9:.4g} | {p.backward / 1e9:.4g} |" for name, p in parts]
         return "\n".join(["| part | forward GFLOP/image | backward GFLOP/image |", "| --- | --- | --- |", *rows,
-                          f"| total | {self.per_image / 1e9:.3f} per image | {self.per_step / 1e12:.3f} TFLOP/step |"])
+                          f"{self.per_image / 1e9:.4g} GFLOP per image, {self.per_step / 1e12:.4g} TFLOP per step "
+                          f"({self.batch} images x {self.accum} micro-steps)"])
 
 
 def step_flops(cfg, visible: int | None = None, world_size: int = 1) -> StepFlops:
@@ -252,3 +255,16 @@ def peak_tflops(device: torch.device | str, precision: str, override: float | No
         if key in name:
             return peaks.get(kind)
     return None
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Measured images/s -> per-device TFLOP/s and MFU, one formula for the training log and the
+    benchmarks: ``step FLOPs × steps/s = FLOPs per image × images/s ÷ ranks``."""
+    flops: StepFlops
+    world_size: int = 1
+    peak: float | None = None  # TFLOP/s of one device; None: MFU unknown
+
+    def of(self, images_per_s: float) -> dict[str, float | None]:
+        tflops = self.flops.per_image * images_per_s / self.world_size / 1e12
+        return {"tflops_per_s": tflops, "mfu": tflops / self.peak if self.peak else None}
