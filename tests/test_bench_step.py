@@ -37,3 +37,10 @@ def test_bench_step_reads_real_data_with_a_given_peak(tiny_overrides, tmp_path):
     (row,) = bench(tmp_path, overrides, "--data", "real")
     check_rows([row], overrides, [8])
     assert row["data"] == "real" and row["mfu"] == pytest.approx(row["tflops_per_s"] / 2.0, rel=1e-9)
+
+
+def test_count_only_runs_nothing(tiny_overrides, tmp_path, capsys):
+    assert main(["bench", "step", *tiny_overrides, "--count-only", "--json", str(tmp_path / "x.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| encoder |" in out and "GFLOP per image" in out
+    assert not (tmp_path / "x.json").exists()

@@ -29,6 +29,7 @@ from .data_wait import DataWait
 
 # what a memory-fed bench changes: a generated set the size of one batch stands in for the source
 MEMORY_DATA = ["data.source=synthetic", "data.root=null", "data.urls=null", "data.num_workers=0"]
+RATES = ("images_per_s", "step_ms", "tflops_per_s", "mfu", "data_wait_share", "peak_mem_gb")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", choices=("memory", "real"), default="memory",
                    help="memory: one batch reused (pure compute); real: the config's source through the loader")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
+    p.add_argument("--count-only", action="store_true",
+                   help="print the analytic FLOP breakdown of one step and exit (nothing runs)")
 
 
 class _Reuse:
@@ -132,18 +135,21 @@ def run(args: argparse.Namespace) -> int:
                  f"schedule.max_steps={args.warmup + args.steps}"]
         base = load_config(list(args.overrides) + (MEMORY_DATA if args.data == "memory" else []) + fixed)
         sizes = [int(b) for b in args.batch.split(",")] if args.batch else [base.data.batch_size]
+        configs = [apply_overrides(base, [f"data.batch_size={size}"] + (
+            [f"data.synthetic_images={size}"] if args.data == "memory" else [])) for size in sizes]
         print(f"mimscale bench step: recipe={base.recipe} model={base.model.name} img={base.model.img_size} "
               f"precision={base.engine.precision} compile={base.engine.compile} data={args.data}, "
               f"{args.warmup} warm-up + {args.steps} timed steps per batch size")
-        print(step_flops(base).table())
+        print(step_flops(configs[0]).table())
+        if args.count_only:
+            return 0
         rows = []
-        for size in sizes:
-            extra = [f"data.batch_size={size}"] + ([f"data.synthetic_images={size}"] if args.data == "memory" else [])
+        for cfg in configs:
             try:
-                rows.append(measure(apply_overrides(base, extra), args.warmup, args.steps, args.data))
+                rows.append(measure(cfg, args.warmup, args.steps, args.data))
             except torch.OutOfMemoryError:
-                rows.append({"model": base.model.name, "batch": size, "precision": base.engine.precision,
-                             "error": "out of memory"})
+                rows.append({"model": cfg.model.name, "batch": cfg.data.batch_size, "precision": cfg.engine.precision,
+                             "error": "out of memory", **dict.fromkeys(RATES)})
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
