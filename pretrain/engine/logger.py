@@ -56,7 +56,7 @@ class RunLogger:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(f"train/{k}", v, step)
-        line = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items() if k in _SHOWN)
+        line = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items() if k in _SHOWN and v is not None)
         if self._bar is not None:
             self._bar.update(self._task, completed=step, info=line)
         else:
@@ -84,7 +84,7 @@ class RunLogger:
         self._file.close()
 
 
-_SHOWN = ("epoch", "loss", "lr", "images_per_s")
+_SHOWN = ("epoch", "loss", "lr", "images_per_s", "tflops_per_s", "mfu")
 
 
 def _fmt(v) -> str:

@@ -26,6 +26,7 @@ from .backend import build_backend, init_distributed
 from .checkpoint import CheckpointManager, read_state, resolve_resume
 from .data_wait import DataWait
 from .figures import reconstruction_grid
+from .flops import Throughput, peak_tflops, step_flops
 from .guard import NumericsGuard, poison_nonfinite
 from .logger import RunLogger
 from .memory import MemoryReport, format_reports, measure, write_reports
@@ -91,6 +92,8 @@ class Trainer:
             self._restore(resume_from)
         if self.env.is_main:
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        self.throughput = Throughput(step_flops(cfg, world_size=self.env.world_size), self.env.world_size,
+                                     peak_tflops(self.backend.device, cfg.engine.precision, cfg.engine.peak_tflops))
         self.logger = RunLogger(self.run_dir, self.env.is_main, self.total_steps, self.step,
                                 cfg.logging.tensorboard, cfg.logging.progress)
         self.logger.print(
@@ -170,6 +173,35 @@ class Trainer:
             self.backend.backward(poison_nonfinite(out.loss), 1.0 / self.cfg.optim.accum_steps)
         return images, out
 
+    def train_step(self, batches, wait: DataWait):
+        """One optimizer step: lr, each micro-step (mask, forward, backward), clip and step (skipped
+        when the gradient norm is not finite), the EMA teacher. ``batches`` hands out batches
+        (``next(wait)``) and may read one ahead (``fetch(wait)``). The loop and ``bench step`` share it.
+        Returns the last micro-step's images and output, the step's summed terms and the gradient norm."""
+        cfg = self.cfg
+        accum = cfg.optim.accum_steps
+        self.backend.set_lr(cosine_lr(self.step, self.lr, self.total_steps, self.warmup_steps, cfg.optim.min_lr))
+        generator = step_generator(cfg.engine.seed, self.step, self.env.rank)
+        self.method.set_progress(self.step, self.total_steps, self.steps_per_epoch)
+        step_terms: dict[str, torch.Tensor] = {}
+        for micro in range(accum):
+            last = micro == accum - 1
+            images, out = self._micro_step(batches.next(wait), generator, last)
+            if last and self.step + 1 < self.total_steps:
+                batches.fetch(wait)  # while the device still runs this step's backward pass
+            for k, v in {"loss": out.loss, **out.terms}.items():
+                v = v.detach().float()
+                step_terms[k] = step_terms[k] + v if k in step_terms else v
+        grad_norm = float(self.backend.step(cfg.optim.clip_grad))
+        finite = math.isfinite(grad_norm)
+        if finite:  # a skipped step changed nothing, so nothing follows it
+            with self.backend.local_shards():
+                self.method.after_optimizer_step(self.step, self.total_steps)
+        self.step += 1
+        wait.step()
+        self.guard.record(self.step, finite)
+        return images, out, step_terms, grad_norm
+
     def fit(self) -> RunSummary:
         with PreemptionHandler(self.cfg.engine.preempt_signals) as preemption:
             try:
@@ -191,29 +223,12 @@ class Trainer:
         out = images = None
         self.backend.model.train()
         while self.step < self.total_steps:
-            self.backend.set_lr(cosine_lr(self.step, self.lr, self.total_steps, self.warmup_steps, cfg.optim.min_lr))
-            generator = step_generator(cfg.engine.seed, self.step, self.env.rank)
-            self.method.set_progress(self.step, self.total_steps, self.steps_per_epoch)
             epoch = batches.position["epoch"]
-            step_terms: dict[str, torch.Tensor] = {}
-            for micro in range(accum):
-                last = micro == accum - 1
-                images, out = self._micro_step(batches.next(wait), generator, last)
-                if last and self.step + 1 < self.total_steps:
-                    batches.fetch(wait)  # while the device still runs this step's backward pass
-                for k, v in {"loss": out.loss, **out.terms}.items():
-                    v = v.detach().float()
-                    step_terms[k] = step_terms[k] + v if k in step_terms else v
-            grad_norm = float(self.backend.step(cfg.optim.clip_grad))
+            images, out, step_terms, grad_norm = self.train_step(batches, wait)
             finite = math.isfinite(grad_norm)
-            if finite:  # a skipped step changed nothing, so nothing follows it
-                with self.backend.local_shards():
-                    self.method.after_optimizer_step(self.step, self.total_steps)
+            if finite:
                 window.add({k: v / accum for k, v in step_terms.items()},
                            images.shape[0] * accum * self.env.world_size)
-            self.step += 1
-            wait.step()
-            self.guard.record(self.step, finite)
 
             if cfg.engine.memory_report_steps and self.step == report_at:
                 self._memory_report()
@@ -221,6 +236,7 @@ class Trainer:
                 means, images_per_s = window.flush()
                 metrics = {"epoch": epoch, **means, "lr": self.optimizer.param_groups[0]["lr"],
                            "grad_norm": grad_norm if finite else None, "images_per_s": images_per_s,
+                           **self.throughput.of(images_per_s),
                            "data_wait_ms": wait.flush_ms(), "skipped_steps": self.guard.skipped}
                 self.logger.log(self.step, metrics)
                 if "loss" in means:
