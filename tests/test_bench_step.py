@@ -27,9 +27,13 @@ def check_rows(rows, overrides, batches):
 
 def test_bench_step_sweeps_batches_from_memory(tiny_overrides, tmp_path):
     overrides = [*tiny_overrides, "engine.device=cpu"]
-    rows = bench(tmp_path, overrides, "--batch", "4,8")
+    rows = bench(tmp_path, overrides, "--batch", "4,8", "--profile", str(tmp_path / "prof.txt"))
     check_rows(rows, overrides, [4, 8])
     assert all(r["mfu"] is None and r["data"] == "memory" for r in rows)  # a CPU has no known peak
+    for b in (4, 8):  # one operator table per batch size, led by the real step's matmuls
+        table = (tmp_path / f"prof.txt.b{b}").read_text()
+        assert table.startswith("5 training steps, operators by self_cpu_time_total") and "aten::" in table
+        assert "aten::mm" in table or "aten::addmm" in table
 
 
 def test_bench_step_reads_real_data_with_a_given_peak(tiny_overrides, tmp_path):

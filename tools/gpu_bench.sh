@@ -52,11 +52,13 @@ bench() {  # bench NAME TIMEOUT_S ARGS...: `mimscale bench step` writing $OUT/NA
 }
 
 bench vitb_memory "$LIMIT" "${MODEL_B[@]}" --batch "$BATCH_B"
-bench vitl_memory "$LIMIT" "${MODEL_L[@]}" --batch "$BATCH_L"
+bench vitl_memory "$LIMIT" "${MODEL_L[@]}" --batch "$BATCH_L" --profile "$OUT/vitl_memory.profile.txt"
 
 run write_shards 60 "$PYTHON" -m mimscale shards write --synthetic "$IMAGES" --synthetic-size "$SIDE" \
   --quality 90 --workers "$WORKERS" --no-progress "$WORK/shards"
 bench vitb_real "$LIMIT" "${MODEL_B[@]}" data.source=wds "data.urls=$WORK/shards/index.json" \
-  "data.num_workers=$WORKERS" --data real --batch "$BATCH_REAL"
+  "data.num_workers=$WORKERS" --data real --batch "$BATCH_REAL" --profile "$OUT/vitb_real.profile.txt"
+# last, as its compile time is the least known: torch.compile of every block
+bench vitl_compiled "$((LIMIT + 90))" "${MODEL_L[@]}" engine.compile=true --batch "$BATCH_L"
 
 echo "results in $OUT:"; ls -l "$OUT"

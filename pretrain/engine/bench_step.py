@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from mimscale.config import apply_overrides, load_config
+from mimscale.errors import UserError
 
 from .data_wait import DataWait
 
@@ -42,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", choices=("memory", "real"), default="memory",
                    help="memory: one batch reused (pure compute); real: the config's source through the loader")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
+    p.add_argument("--profile", default=None, metavar="FILE",
+                   help="after the timed steps, profile 5 more with torch.profiler and write the operators "
+                        "that took the most time (a table, one per batch size: FILE, FILE.b<batch>...)")
     p.add_argument("--count-only", action="store_true",
                    help="print the analytic FLOP breakdown of one step and exit (nothing runs)")
 
@@ -74,8 +78,25 @@ def _peak_memory(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, "process peak RSS"
 
 
-def measure(cfg, warmup: int, steps: int, data: str) -> dict:
-    """One config: ``warmup`` steps, then ``steps`` timed steps of the trainer; one result row."""
+def _profile(trainer, batches, device: torch.device, out: Path, steps: int = 5) -> None:
+    """``steps`` more training steps under torch.profiler; the operators by self time, to ``out``:
+    where a figure falls short of the peak, this says which kernels hold it back."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            trainer.train_step(batches, DataWait())
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"{steps} training steps, operators by {key}\n"
+                   + prof.key_averages().table(sort_by=key, row_limit=30) + "\n")
+
+
+def measure(cfg, warmup: int, steps: int, data: str, profile: Path | None = None) -> dict:
+    """One config: ``warmup`` steps, then ``steps`` timed steps of the trainer (then, with
+    ``profile``, a profiled few written there); one result row."""
     from .trainer import Trainer, _OneAhead
 
     trainer = Trainer(cfg)
@@ -100,12 +121,14 @@ def measure(cfg, warmup: int, steps: int, data: str) -> dict:
             trainer.train_step(batches, wait)
         _sync(device)
         elapsed = time.perf_counter() - start
+        peak_gb, peak_kind = _peak_memory(device)
+        if profile is not None:
+            _profile(trainer, batches, device, profile)
     finally:
         batches.close()
         trainer.logger.close()
     per_step = cfg.data.batch_size * cfg.optim.accum_steps * trainer.env.world_size
     images_per_s = steps * per_step / elapsed
-    peak_gb, peak_kind = _peak_memory(device)
     rates = trainer.throughput.of(images_per_s)
     return {"recipe": cfg.recipe, "model": cfg.model.name, "img_size": cfg.model.img_size,
             "batch": cfg.data.batch_size, "accum_steps": cfg.optim.accum_steps, "precision": cfg.engine.precision,
@@ -128,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     from .flops import step_flops
 
     if args.steps < 1 or args.warmup < 0:
-        raise SystemExit("mimscale bench step: --steps must be >= 1 and --warmup >= 0")
+        raise UserError("--steps must be >= 1 and --warmup >= 0")
     with tempfile.TemporaryDirectory(prefix="mimscale-bench-step-") as tmp:
         fixed = [f"output.dir={Path(tmp) / 'run'}", "resume=none", "logging.tensorboard=false",
                  "logging.progress=off", "logging.image_every=0", "engine.memory_report_steps=0",
@@ -146,7 +169,9 @@ def run(args: argparse.Namespace) -> int:
         rows = []
         for cfg in configs:
             try:
-                rows.append(measure(cfg, args.warmup, args.steps, args.data))
+                profile = None if not args.profile else Path(
+                    args.profile if len(configs) == 1 else f"{args.profile}.b{cfg.data.batch_size}")
+                rows.append(measure(cfg, args.warmup, args.steps, args.data, profile))
             except torch.OutOfMemoryError:
                 rows.append({"model": cfg.model.name, "batch": cfg.data.batch_size, "precision": cfg.engine.precision,
                              "error": "out of memory", **dict.fromkeys(RATES)})
