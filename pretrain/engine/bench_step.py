@@ -168,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
             return 0
         rows = []
         for cfg in configs:
+            if cfg.engine.compile:  # compiled for the last batch size, dynamo would recompile for
+                torch._dynamo.reset()  # this one with dynamic shapes: slower kernels, not this size's
             try:
                 profile = None if not args.profile else Path(
                     args.profile if len(configs) == 1 else f"{args.profile}.b{cfg.data.batch_size}")
