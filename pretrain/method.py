@@ -72,7 +72,8 @@ def build_teacher(cfg, student: nn.Module) -> TeacherEncoder | None:
     if t.type == "ema":
         return TeacherEncoder.from_student(student, depth)
     if t.type == "frozen":
-        return frozen_teacher(t.checkpoint, t.model or cfg.model.name, cfg.model.img_size, cfg.model.patch_size, depth)
+        return frozen_teacher(t.checkpoint, t.model or cfg.model.name, cfg.model.img_size, cfg.model.patch_size,
+                              lambda full: _teacher_depth(cfg, full))
     return None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -38,8 +39,11 @@ class TeacherEncoder(nn.Module):
     """
 
     def __init__(self, patch_embed: nn.Module, cls_token: torch.Tensor, pos_embed: torch.Tensor,
-                 blocks: list[nn.Module], norm: nn.Module | None = None):
+                 blocks: list[nn.Module], norm: nn.Module | None = None, full_depth: int | None = None):
         super().__init__()
+        # the depth of the network the blocks were cut from: block -1 means its last block, which
+        # a teacher truncated after block 9 of 12 does not hold (see ``scoring.resolve_block``)
+        self.full_depth = len(blocks) if full_depth is None else full_depth
         self.patch_embed = patch_embed
         self.cls_token = nn.Parameter(cls_token.detach().clone(), requires_grad=False)
         self.pos_embed = nn.Parameter(pos_embed.detach().clone(), requires_grad=False)
@@ -52,7 +56,7 @@ class TeacherEncoder(nn.Module):
         """A copy of the student's first ``depth`` blocks and embeddings (the EMA starting point)."""
         norm = copy.deepcopy(student.norm) if depth == len(student.blocks) else None
         return cls(copy.deepcopy(student.patch_embed), student.cls_token, student.pos_embed,
-                   [copy.deepcopy(b) for b in student.blocks[:depth]], norm)
+                   [copy.deepcopy(b) for b in student.blocks[:depth]], norm, len(student.blocks))
 
     def cls_output(self, images: torch.Tensor) -> torch.Tensor:
         """CLS after the final norm on the full image, ``[B, D]`` (the momentum branch of CAMAE)."""
@@ -76,10 +80,11 @@ class TeacherEncoder(nn.Module):
         return super().train(False)  # always in eval mode (no drop path)
 
 
-def frozen_teacher(path: str, model_name: str, img_size: int, patch_size: int | None, depth: int) -> TeacherEncoder:
+def frozen_teacher(path: str, model_name: str, img_size: int, patch_size: int | None,
+                   depth: int | Callable[[int], int]) -> TeacherEncoder:
     """A teacher from any checkpoint ``resolve_checkpoint`` accepts (a mimscale run or checkpoint
     folder, an official MAE or timm file; encoder-only files included), truncated to ``depth``
-    blocks."""
+    blocks (or to ``depth(its full depth)``: a teacher of another size than the student has its own)."""
     from mimscale.pretrain.models import build_mae, load_mae_checkpoint
     from mimscale.pretrain.models.export import read_state_dict
 
@@ -94,4 +99,4 @@ def frozen_teacher(path: str, model_name: str, img_size: int, patch_size: int | 
     except CheckpointError as e:
         raise CheckpointError(f"teacher.checkpoint {path}: {e}; teacher.model names the teacher's size "
                               "when it differs from the student's") from e
-    return TeacherEncoder.from_student(model, depth)
+    return TeacherEncoder.from_student(model, depth(len(model.blocks)) if callable(depth) else depth)

@@ -39,3 +39,25 @@ def test_momentum_one_freezes_teacher():
     assert torch.equal(teacher[0], torch.ones(4))
     with pytest.raises(ValueError):
         ema_update_(teacher, [], 0.5)
+
+
+@pytest.mark.parametrize("block", [-2, -1, 9])
+def test_a_truncated_teacher_scores_the_block_the_config_names(tiny_config, tmp_path, block):
+    """The teacher keeps the blocks up to its scoring block; a negative block still counts from the
+    end of the whole network (block -2 of 12 is block 10, not block 9 of the 11 kept)."""
+    from mimscale.pretrain.masking.scoring import block_qk
+    from mimscale.pretrain.method import MIMMethod
+    from mimscale.pretrain.teacher import frozen_teacher
+
+    cfg = tiny_config("recipe=gpa", "teacher.type=ema", f"masking.gpa.block={block}", "masking.gpa.head=0")
+    method = MIMMethod(cfg)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    want = block_qk(method.student, images, block)  # the EMA teacher starts as the student's copy
+    assert len(method.teacher.blocks) == block % 12 + 1
+    torch.testing.assert_close(block_qk(method.teacher, images, block), want)
+
+    path = tmp_path / "student.pth"
+    torch.save({"model": method.student.state_dict()}, path)
+    frozen = frozen_teacher(str(path), "mae_vit_tiny_patch16", 32, 8, lambda full: block % full + 1)
+    assert len(frozen.blocks) == block % 12 + 1 and frozen.full_depth == 12
+    torch.testing.assert_close(block_qk(frozen, images, block), want)

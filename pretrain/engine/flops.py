@@ -182,7 +182,7 @@ def _scoring(cfg, student: ViT, teacher: ViT | None) -> float:
     if mk.strategy == "idm":  # last block's q, k; q_CLS·kᵀ over all keys
         return vit.full(vit.depth - 1) + vit.qk(tokens) + 2 * tokens * vit.dim
     if mk.strategy == "gpa":  # q, k of the scoring block; the 'all' variant sums with one matmul
-        index = mk.gpa.block % student.depth
+        index = mk.gpa.block % vit.depth  # the scoring network's own depth
         return vit.full(index) + vit.qk(tokens) + (2 * n * vit.dim if mk.gpa.queries == "all" else 0)
     if mk.strategy == "ccmim":
         if mk.ccmim.importance == "last":  # q_CLS·k_patchᵀ

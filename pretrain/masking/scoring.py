@@ -23,10 +23,13 @@ def _with_cls(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def resolve_block(encoder: nn.Module, block: int) -> int:
-    depth = len(encoder.blocks)
+    """The index of ``block`` (negative: from the end of the whole network, also for a teacher
+    truncated after its scoring block, which records its ``full_depth``)."""
+    depth = getattr(encoder, "full_depth", len(encoder.blocks))
     index = block + depth if block < 0 else block
-    if not 0 <= index < depth:
-        raise ValueError(f"scoring block {block} is outside the encoder's {depth} blocks")
+    if not 0 <= index < len(encoder.blocks):
+        raise ValueError(f"scoring block {block} is outside the encoder's {len(encoder.blocks)} blocks "
+                         f"(of {depth})")
     return index
 
 
