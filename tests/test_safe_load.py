@@ -7,6 +7,7 @@ import argparse
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -109,3 +110,48 @@ def test_official_mae_files_still_load_everywhere_with_their_mask_ratio(tmp_path
     assert torch.equal(fresh.decoder_embed.weight, mae.decoder_embed.weight)
     torch.save({"model": to_timm_state_dict(mae)}, tmp_path / "mae_pretrain_vit_tiny.pth")  # encoder only
     assert load_mae_checkpoint(fresh, tmp_path / "mae_pretrain_vit_tiny.pth").encoder_only
+
+
+def _dcp_folder(path, extra=None):
+    """A real torch.distributed.checkpoint folder (one process): tensors plus non-tensor items."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": {"w": torch.randn(3, 4)}, "optimizer": {"param_groups": [{"lr": 0.1, "params": ["w"]}]},
+             "step": 7, **(extra or {})}
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.simplefilter("ignore")
+        dcp.save(state, checkpoint_id=path, no_dist=True)
+    return path
+
+
+def test_sharded_checkpoints_are_vetted_before_torch_unpickles_them(tmp_path):
+    """torch reads a DCP folder's .metadata with plain pickle and its non-tensor items with
+    torch.load(weights_only=False): both are checked with the safe loaders first."""
+    import pickle
+
+    from mimscale.pretrain.engine.fsdp import read_dcp
+    from mimscale.pretrain.engine.safe_load import vet_dcp
+
+    vet_dcp(_dcp_folder(tmp_path / "good"))  # a real one passes
+
+    marker = tmp_path / "MARKER"
+    bad_item = _dcp_folder(tmp_path / "bad_item", {"args": _RunsACommand(marker)})  # stored as bytes
+    with pytest.raises(CheckpointError, match=REFUSED):
+        vet_dcp(bad_item)
+
+    bad_meta = _dcp_folder(tmp_path / "bad_meta")
+    (bad_meta / ".metadata").write_bytes(pickle.dumps(_RunsACommand(marker)))
+    with pytest.raises(CheckpointError, match=REFUSED):
+        vet_dcp(bad_meta)
+    (bad_meta / ".metadata").write_bytes(b"not a pickle")
+    with pytest.raises(CheckpointError, match="is not a readable checkpoint"):
+        vet_dcp(bad_meta)
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000001"  # what convert / resume read
+    write_checkpoint(ckpt, {"step": 1, "format": "dcp"})
+    _dcp_folder(ckpt / "dcp", {"args": _RunsACommand(marker)})
+    with pytest.raises(CheckpointError, match=REFUSED):
+        read_dcp(ckpt)
+    with pytest.raises(CheckpointError, match=REFUSED):
+        load_checkpoint(tmp_path / "run")
+    assert not marker.exists()

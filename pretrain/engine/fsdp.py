@@ -34,6 +34,7 @@ from torch.distributed.fsdp import (
 
 from .backend import Backend
 from .checkpoint import checkpoint_format, full_model_state
+from .safe_load import vet_dcp
 
 DCP_DIR = "dcp"
 
@@ -146,6 +147,7 @@ class FSDPBackend(Backend):
                                  "backend that wrote it")
             self.load_state_dict({"model": model, "optimizer": optimizer})
             return
+        vet_dcp(Path(folder) / DCP_DIR)  # torch's reader unpickles the metadata in full
         model, optimizer = get_state_dict(self.module, self.optimizer)
         target = {"model": model, "optimizer": optimizer}
         dcp.load(target, checkpoint_id=Path(folder) / DCP_DIR)  # reads this rank's shards, any W
@@ -163,6 +165,7 @@ def read_dcp(folder: Path) -> tuple[dict, dict]:
     if not (path / ".metadata").is_file():
         raise FileNotFoundError(f"checkpoint {folder} says it is sharded (dcp) but {path} has no "
                                 ".metadata: it is damaged")
+    vet_dcp(path)
     state: dict = {}
     _load_state_dict(state, storage_reader=dcp.FileSystemReader(str(path)),
                      planner=_EmptyStateDictLoadPlanner(), no_dist=True)

@@ -11,7 +11,9 @@ the file.
 from __future__ import annotations
 
 import argparse
+import io
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -74,11 +76,66 @@ def load_file(path: str | os.PathLike, map_location: str | torch.device = "cpu",
             return load_safetensors(str(path), device=str(map_location))
         except Exception as e:  # safetensors' own error type: a damaged header or truncated data
             raise _unreadable(path, e) from e
+    return _torch_load(path, path, map_location, deepspeed=deepspeed, mmap=mmap)
+
+
+def _torch_load(source, path: Path, map_location, deepspeed: bool = False, mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` of a file or buffer, failures as ``CheckpointError``s naming ``path``."""
     try:
         with torch.serialization.safe_globals(allowed_globals(deepspeed)):
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+            return torch.load(source, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # damaged files fail in many ways (EOFError, KeyError, RuntimeError, ...)
         named = _GLOBAL.search(str(e))
         if named:
             raise _unsafe(path, named.group(1)) from e
         raise _unreadable(path, e) from e
+
+
+# What a DCP checkpoint's ``.metadata`` pickle may name: torch's own records of where each shard is.
+_DCP_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "ChunkStorageMetadata",
+                                              "TensorProperties", "BytesStorageMetadata", "MetadataIndex",
+                                              "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if dtype or name in _DCP_GLOBALS.get(module, ()):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"GLOBAL {module}.{name}")
+
+
+def vet_dcp(folder: str | os.PathLike) -> None:
+    """Check a ``torch.distributed.checkpoint`` folder before torch reads it: torch unpickles its
+    ``.metadata`` with plain ``pickle`` and the non-tensor items (step, lr, ...) with
+    ``torch.load(weights_only=False)``, either of which could run a file's code. The metadata is
+    read here with an unpickler that knows only DCP's records, then every non-tensor item with the
+    safe loader; anything else is a ``CheckpointError``."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    folder = Path(folder)
+    meta_path = folder / ".metadata"
+    try:
+        with open(meta_path, "rb") as f:
+            meta = _DcpMetadataUnpickler(f).load()
+    except OSError as e:
+        raise CheckpointError(f"{meta_path} cannot be read ({e.strerror}): the sharded checkpoint is damaged") from e
+    except Exception as e:
+        named = _GLOBAL.search(str(e))
+        raise (_unsafe(meta_path, named.group(1)) if named else _unreadable(meta_path, e)) from e
+    for index, info in (meta.storage_data or {}).items():
+        if not isinstance(meta.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+            continue
+        if getattr(info, "transform_descriptors", None):
+            raise CheckpointError(f"{folder / info.relative_path}: item {index.fqn} is stored transformed "
+                                  f"({info.transform_descriptors}), which mimscale cannot check before loading")
+        with open(folder / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            _torch_load(io.BytesIO(f.read(info.length)), folder / info.relative_path, "cpu")
