@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from mimscale.errors import DataError
+
 SYNTHETIC_SEED = 0  # the generated set is fixed data, not a function of the run's seed
 
 
@@ -57,7 +59,7 @@ def build_source(cfg_data, rank: int = 0, world_size: int = 1):
 
         urls = [cfg_data.urls] if isinstance(cfg_data.urls, str) else list(cfg_data.urls or [])
         if len(urls) != 1:
-            raise ValueError(f"data.urls: data.source=ffcv reads one .beton file, got {urls!r}")
+            raise DataError(f"data.urls: data.source=ffcv reads one .beton file, got {urls!r}")
         return BetonSource(urls[0])
     raise ValueError(f"data.source: unknown source {cfg_data.source!r}")
 

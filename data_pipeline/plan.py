@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mimscale.errors import DataError
+
 REMAINDERS = ("drop", "pad")
 _SHARDS, _SAMPLES = 2, 3  # domain tags for mix_seed (0 and 1 are the loader's)
 
@@ -53,7 +55,7 @@ class EpochPlan:
         else:
             used = -(-self.num_samples // unit) * unit
         if used == 0:
-            raise ValueError(f"{self.num_samples} samples cannot fill one batch of {batch_size} on each "
+            raise DataError(f"{self.num_samples} samples cannot fill one batch of {batch_size} on each "
                              f"of {world_size} rank(s) with remainder=drop; use remainder=pad, a "
                              "smaller batch or more data")
         self.samples_per_epoch = used  # over all ranks; differs from num_samples by the remainder

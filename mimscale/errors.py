@@ -15,3 +15,13 @@ class UserError(Exception):
 class CheckpointError(UserError):
     """A checkpoint that is missing, incomplete, unreadable, unsafe to unpickle or of the wrong
     shape for the model it should load into."""
+
+
+class DataError(UserError, ValueError):
+    """Data that cannot be read as asked: shard patterns, indexes, shards without samples, too few
+    samples for a batch. (A ``ValueError`` too, for the callers that catch one.)"""
+
+
+class MissingExtraError(UserError, ImportError):
+    """An optional extra that the asked-for feature needs is not installed; the message says how
+    to install it."""

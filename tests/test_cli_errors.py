@@ -1,9 +1,11 @@
 """Bad input to any command ends as one line on stderr naming the bad thing, exit code 2 and no
 traceback; ``--debug`` / ``MIMSCALE_DEBUG=1`` add the traceback."""
 
+import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
@@ -35,6 +37,8 @@ def bad(tmp_path_factory):
     junk_step.mkdir(parents=True)
     (junk_step / "state.pt").write_bytes(os.urandom(4096))
     (junk_step / "COMPLETE").write_text("")
+    tarfile.open(root / "nosamples.tar", "w").close()  # a valid tar without one image
+    (root / "index.json").write_text(json.dumps({"wids_version": 1, "shardlist": []}))
     return {"missing": str(root / "nope"), "empty": str(root / "empty"), "run": str(root / "run"),
             "step": str(root / "run" / "checkpoints" / "step_00000001"),
             "junk": str(root / "junk.pth"), "truncated": str(root / "truncated.pth"), "junkstep": str(junk_step),
@@ -68,6 +72,22 @@ CASES = {
                                    ["{truncated}"]),
     "pretrain-teacher-width": (["pretrain", *TINY, "recipe=gpa", "model.name=mae_vit_small_patch16",
                                 "masking.gpa.head=0", "teacher.checkpoint={step}"], ["teacher"]),
+    # shard patterns and sources (what the data pipeline refuses at start)
+    "pretrain-urls-s3": (["pretrain", *TINY, "data.source=wds", "data.urls=s3://bucket/x-{{000..001}}.tar"],
+                         ["s3://bucket/x-000.tar", "unsupported scheme", "pipe:"]),
+    "pretrain-urls-http": (["pretrain", *TINY, "data.source=wds", "data.urls=http://host/x.tar"],
+                           ["http://host/x.tar", "pipe:curl", "data.allow_pipe=true"]),
+    "pretrain-urls-reversed": (["pretrain", *TINY, "data.source=wds", "data.urls={root}/x-{{000005..000001}}.tar"],
+                               ["{{000005..000001}}", "is empty"]),
+    "pretrain-urls-one-brace": (["pretrain", *TINY, "data.source=wds", "data.urls={root}/shard-{{000000}}.tar"],
+                                ["cannot expand {{000000}}"]),
+    "pretrain-urls-empty-index": (["pretrain", *TINY, "data.source=wds", "data.urls={root}/index.json"],
+                                  ["index.json lists no shards", "{{'url': ..., 'nsamples': ...}}"]),
+    "pretrain-urls-no-samples": (["pretrain", *TINY, "data.source=wds", "data.urls={root}/nosamples.tar"],
+                                 ["hold no samples", "nosamples.tar"]),
+    "pretrain-too-few-samples": (["pretrain", *TINY, "data.batch_size=32"], ["16 samples cannot fill one batch of 32"]),
+    "pretrain-beton-missing": (["pretrain", *TINY, "data.source=ffcv", "data.urls={missing}.beton"],
+                               ["{missing}.beton"]),
     "pretrain-recipe-missing": (["pretrain", "recipe={missing}.yaml"], ["{missing}.yaml"]),
     "demo-gpa-head": (["demo", "recipe=gpa", "teacher.checkpoint={step}", "--steps", "4", "--out", "{root}/demo",
                        "model.img_size=32", "data.synthetic_size=40", "data.synthetic_images=16"], ["masking.gpa.head=11", "3 heads"]),
@@ -137,6 +157,13 @@ def test_bad_input_is_one_line_and_exit_2(case, bad, capsys, monkeypatch, tmp_pa
     monkeypatch.chdir(tmp_path)  # default output folders land here
     argv, names = CASES[case]
     refuse(capsys, [a.format(**bad) for a in argv], *(n.format(**bad) for n in names))
+
+
+def test_a_missing_extra_is_one_line_naming_how_to_install_it(bad, capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "ffcv", None)  # as if ffcv were not installed: imports fail
+    refuse(capsys, ["pretrain", *TINY, "data.source=ffcv", f"data.urls={tmp_path / 'x.beton'}"],
+           "needs the ffcv package", "pip install 'mimscale[ffcv]'", "libturbojpeg0-dev")
+    refuse(capsys, ["shards", "write", "--synthetic", "8", str(tmp_path / "x.beton")], "needs the ffcv package")
 
 
 def test_unknown_flags_stay_errors(capsys):

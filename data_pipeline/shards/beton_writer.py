@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mimscale.errors import DataError
+
 from ..sources.beton import import_ffcv
 from .common import parallel_map, progress_bar, write_json, write_order
 from .encode import decode_rgb, shrink
@@ -74,7 +76,7 @@ def write_beton(items, out: str | os.PathLike, max_side: int | None = None, qual
                 skipped.append({"position": position, "input": items.describe(i), "error": err})
                 log.warning("skipped %s: %s", items.describe(i), err)
     if not keep:
-        raise ValueError(f"none of the {len(order)} inputs could be read; nothing to write")
+        raise DataError(f"none of the {len(order)} inputs could be read; nothing to write")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     fields = {"image": rgb_field(write_mode="jpg", max_resolution=max_side, jpeg_quality=quality or 90),
               "label": int_field()}

@@ -13,9 +13,11 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from mimscale.errors import DataError, MissingExtraError
+
 from .base import Record, check_ids
 
-FFCV_HINT = ("data.source=ffcv needs the ffcv package: pip install 'mimscale[ffcv]' (it builds "
+FFCV_HINT = ("reading or writing .beton files (data.source=ffcv, shards write --format beton) needs the ffcv package: pip install 'mimscale[ffcv]' (it builds "
              "against Debian's pkg-config libturbojpeg0-dev libopencv-dev: apt-get install them first)")
 
 
@@ -24,7 +26,7 @@ def import_ffcv():
         import ffcv.reader  # noqa: F401
         from ffcv.fields import IntField, RGBImageField
     except ImportError as e:
-        raise ImportError(f"{FFCV_HINT} ({e})") from None
+        raise MissingExtraError(f"{FFCV_HINT} ({e})") from None
     return RGBImageField, IntField
 
 
@@ -47,12 +49,12 @@ class BetonSource:
         try:
             reader = Reader(self.path)
         except Exception as e:  # noqa: BLE001 - ffcv raises assorted errors on a bad header
-            raise ValueError(f"{self.path} is not a readable .beton file: {e}") from None
+            raise DataError(f"{self.path} is not a readable .beton file: {e}") from None
         images = [n for n, h in reader.handlers.items() if isinstance(h, rgb_field)]
         if image_field is None:
             image_field = "image" if "image" in images else (images[0] if images else None)
         if image_field not in images:
-            raise ValueError(f"{self.path}: no RGB image field {image_field or ''!r}; its fields are "
+            raise DataError(f"{self.path}: no RGB image field {image_field or ''!r}; its fields are "
                              f"{', '.join(f'{n} ({type(h).__name__})' for n, h in reader.handlers.items())}")
         names = reader.field_names
         self.image = reader.metadata[f"f{names.index(image_field)}"].copy()

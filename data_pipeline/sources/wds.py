@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mimscale.errors import DataError
+
 from .base import Record, check_ids
 
 log = logging.getLogger("mimscale.data")
@@ -53,13 +55,13 @@ def expand_braces(pattern: str) -> list[str]:
     if rng:
         lo, hi = rng.groups()
         if int(hi) < int(lo):
-            raise ValueError(f"brace range {{{body}}} in {pattern!r} is empty ({hi} < {lo})")
+            raise DataError(f"brace range {{{body}}} in {pattern!r} is empty ({hi} < {lo})")
         width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
         options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
     elif "," in body:
         options = body.split(",")
     else:
-        raise ValueError(f"cannot expand {{{body}}} in {pattern!r}: use {{N..M}} or {{a,b,...}}")
+        raise DataError(f"cannot expand {{{body}}} in {pattern!r}: use {{N..M}} or {{a,b,...}}")
     head, tail = pattern[: m.start()], pattern[m.end():]
     return [x for opt in options for x in expand_braces(head + opt + tail)]
 
@@ -73,7 +75,7 @@ def resolve_urls(urls, allow_pipe: bool = False) -> tuple[list[str], list[int] |
     specs = [urls] if isinstance(urls, str) else list(urls or [])
     specs = [str(s).strip() for s in specs if str(s).strip()]
     if not specs:
-        raise ValueError("data.urls is empty: give tar shards (paths, a brace pattern like "
+        raise DataError("data.urls is empty: give tar shards (paths, a brace pattern like "
                          "'train-{000000..000127}.tar', a glob), an index .json or pipe: commands")
     shards: list[str] = []
     counts: list[int] | None = []
@@ -105,11 +107,11 @@ def _check_shard(url: str, allow_pipe: bool, spec: str | None) -> None:
     origin = f" (from {spec!r})" if spec and spec != url else ""
     if url.startswith("pipe:"):
         if not allow_pipe:
-            raise ValueError(f"data.urls: {url!r}{origin} runs a shell command; set data.allow_pipe=true "
+            raise DataError(f"data.urls: {url!r}{origin} runs a shell command; set data.allow_pipe=true "
                              "to allow pipe: URLs")
         return
     if re.match(r"^[a-z][a-z0-9+.-]*://", url):
-        raise ValueError(f"data.urls: {url!r}{origin}: unsupported scheme; use local paths or "
+        raise DataError(f"data.urls: {url!r}{origin}: unsupported scheme; use local paths or "
                          "pipe:COMMAND (e.g. 'pipe:curl -s URL' with data.allow_pipe=true)")
     if not os.path.isfile(url):
         raise FileNotFoundError(f"data.urls: shard {url}{origin} does not exist")
@@ -125,8 +127,8 @@ def read_index(path: str | os.PathLike) -> tuple[list[str], list[int]]:
     doc = json.loads(path.read_text())
     entries = doc.get("shardlist") if isinstance(doc, dict) else None
     if not entries:
-        raise ValueError(f"index {path} lists no shards (expected a 'shardlist' of "
-                         "{{'url': ..., 'nsamples': ...}})")
+        raise DataError(f"index {path} lists no shards (expected a 'shardlist' of "
+                        "{'url': ..., 'nsamples': ...})")
     urls = [e["url"] if e["url"].startswith("pipe:") or os.path.isabs(e["url"])
             else str(path.parent / e["url"]) for e in entries]
     return urls, [int(e["nsamples"]) for e in entries]
@@ -528,7 +530,7 @@ class TarShardSource:
         self.shard_sizes = [int(n) for n in shard_sizes]
         self.offsets = np.concatenate([[0], np.cumsum(self.shard_sizes)]).astype(np.int64)
         if self.offsets[-1] == 0:
-            raise ValueError(f"data.urls: the {len(self.shards)} shard(s) hold no samples "
+            raise DataError(f"data.urls: the {len(self.shards)} shard(s) hold no samples "
                              f"(first: {self.shards[0]})")
 
     def __len__(self) -> int:
