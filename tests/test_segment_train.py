@@ -57,3 +57,15 @@ def test_synthetic_flag_writes_the_data_and_runs_the_command(tmp_path, capsys):
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 2, 3, 4, 4]  # train 1-2, eval at 2, resumed 3-4, eval at 4
     assert json.loads((run / "eval.json").read_text())["iter"] == 4
+
+
+def test_labels_beyond_num_classes_stop_with_the_option_named(synthetic_ade, tmp_path, capsys):
+    """7 classes trained as 2: one line naming data.num_classes at the first batch, not an index
+    error inside cross-entropy."""
+    args = ["segment", "backbone.name=mae_vit_tiny_patch16", "backbone.patch_size=8", "backbone.pretrain_img_size=32",
+            *TINY_SEGMENT, "data.num_classes=2", f"data.root={synthetic_ade}", "schedule.iters=2",
+            f"output.dir={tmp_path / 'run'}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("mimscale segment: labels [") and "outside 0..1" in err[-1]
+    assert "data.num_classes" in err[-1] and not any("Traceback" in line for line in err)

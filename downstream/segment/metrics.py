@@ -9,17 +9,27 @@ from __future__ import annotations
 
 import torch
 
+from mimscale.errors import DataError
+
 from .data import IGNORE_INDEX
+
+
+def check_labels(label: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
+    """Raise a ``DataError`` naming ``data.num_classes`` when a label is outside ``0..K-1`` (other
+    than the ignore index): cross-entropy would fail with an index error deep in a kernel."""
+    labelled = label[label != ignore_index]
+    out = (labelled < 0) | (labelled >= num_classes)
+    if bool(out.any()):
+        bad = labelled[out].unique().tolist()
+        raise DataError(f"labels {bad[:8]} are outside 0..{num_classes - 1} (and not the ignore index "
+                        f"{ignore_index}); check data.num_classes and data.reduce_zero_label")
 
 
 def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int,
                      ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """``[K, K]`` int64 counts, rows = ground truth, columns = prediction; ignored pixels skipped."""
+    check_labels(label, num_classes, ignore_index)
     keep = label != ignore_index
-    if bool(((label[keep] < 0) | (label[keep] >= num_classes)).any()):
-        bad = label[keep][(label[keep] < 0) | (label[keep] >= num_classes)].unique().tolist()
-        raise ValueError(f"labels {bad[:8]} are outside 0..{num_classes - 1} (and not the ignore index "
-                         f"{ignore_index}); check data.num_classes and data.reduce_zero_label")
     idx = label[keep].long() * num_classes + pred[keep].long()
     return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
 

@@ -29,7 +29,7 @@ from mimscale.downstream.dense.encoder import PYRAMIDS, build_dense_encoder
 from mimscale.downstream.dense.runner import FitSummary, fit
 
 from .data import ADE20KSegmentation, SegTrainTransform, collate, rescale_size
-from .metrics import confusion_matrix, majority_baseline, segmentation_metrics
+from .metrics import check_labels, confusion_matrix, majority_baseline, segmentation_metrics
 from .model import UperNetSegmentor, slide_inference
 
 
@@ -109,6 +109,7 @@ class SegmentTask:
 
     def __init__(self, cfg: SegmentConfig):
         self.cfg = cfg
+        self._label_checks = 8  # training batches whose labels are checked against data.num_classes
 
     def build_model(self) -> nn.Module:
         m = self.cfg.model
@@ -139,6 +140,9 @@ class SegmentTask:
 
     def loss(self, model: nn.Module, batch, device: torch.device) -> dict[str, torch.Tensor]:
         images, labels = batch
+        if self._label_checks:  # the first batches, on the host, before the device sees them
+            self._label_checks -= 1
+            check_labels(labels, self.cfg.data.num_classes)
         return model(images.to(device), labels.to(device))  # through DDP's forward: gradients sync
 
     @torch.no_grad()
