@@ -1,6 +1,7 @@
 """`mimscale visualize masks`, `mimscale select-head`, `mimscale bench masking` through the CLI."""
 
 import argparse
+import json
 
 import pytest
 import torch
@@ -8,6 +9,9 @@ from object_attending import install_object_attention
 from PIL import Image
 
 from mimscale.cli import main
+from mimscale.config import load_config
+from mimscale.pretrain.engine.flops import step_flops
+from mimscale.pretrain.masking import bench
 from mimscale.pretrain.models import build_mae
 
 TINY = ["model.name=mae_vit_tiny_patch16", "model.img_size=64", "model.patch_size=8", "model.decoder_embed_dim=32",
@@ -68,11 +72,40 @@ def test_tools_take_a_run_folder(tiny_overrides, tmp_path, capsys):
     assert "holds no complete checkpoint" in capsys.readouterr().err
 
 
-def test_bench_masking_prints_ratios(capsys):
-    assert main(["bench", "masking", "--model", "mae_vit_tiny_patch16", "--img-size", "32", "--batch", "2",
-                 "--rounds", "1"]) == 0
+def test_bench_masking_prints_ratios(tmp_path, capsys):
+    """FLOP ratios from the analytic count, time ratios per round against MAE, overhead their quotient;
+    the table prints what the JSON holds."""
+    out = tmp_path / "masking.json"
+    assert main(["bench", "masking", "--model", "mae_vit_tiny_patch16", "--img-size", "32", "--batch", "4",
+                 "--rounds", "1", "--warmup-rounds", "1", "--steps-per-round", "1",
+                 "--rows", "gpa,sbam_amr,cmae_2shot", "--json", str(out)]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
-    assert lines[0].startswith("| strategy") and len(lines) == 2 + 11
-    assert lines[2].startswith("| random (MAE) | ") and "| 1.00 |" in lines[2]
-    for ln in lines[2:]:
-        assert float(ln.split("|")[2]) >= 0
+    rows = json.loads(out.read_text())
+    assert [r["row"] for r in rows] == ["random (MAE)", "gpa (teacher b9)", "sbam_amr", "cmae_2shot (random)",
+                                        "cmae_2shot (gpa-guided)"]
+    assert lines[0].startswith("| strategy") and len(lines) == 2 + len(rows)
+    base = ["model.name=mae_vit_tiny_patch16", "model.img_size=32", "data.source=synthetic", "data.batch_size=4"]
+    overrides = dict(bench.VARIANTS)
+    mae = step_flops(load_config(base + overrides["random (MAE)"])).per_step
+    assert rows[0]["time_ratio"] == 1.0 and rows[0]["flop_ratio"] == 1.0
+    for r, line in zip(rows, lines[2:]):
+        assert {"mask_ratio", "step_ms", "model", "img_size", "batch", "precision", "device"} <= r.keys()
+        assert r["flop_ratio"] == pytest.approx(step_flops(load_config(base + overrides[r["row"]])).per_step / mae)
+        assert r["overhead"] == pytest.approx(r["time_ratio"] / r["flop_ratio"])
+        assert 0 < r["time_ratio_min"] <= r["time_ratio"] <= r["time_ratio_max"] and r["step_ms"] > 0
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        low, high = cells[4].split("–")
+        assert cells[0] == r["row"]
+        assert [cells[1], cells[2], cells[3], low, high, cells[5]] == [
+            f"{r[k]:.3f}" for k in ("mask_ratio", "flop_ratio", "time_ratio", "time_ratio_min", "time_ratio_max",
+                                    "overhead")]
+    by = {r["row"]: r for r in rows}  # the scoring pass costs FLOPs; a shot after block 10 saves some
+    assert by["gpa (teacher b9)"]["flop_ratio"] > 1 > by["cmae_2shot (random)"]["flop_ratio"]
+
+
+def test_bench_masking_rows_are_checked(capsys):
+    assert [label for label, _ in bench.select("cmae_2shot,idm")] == [
+        "random (MAE)", "idm (online)", "idm (momentum)", "cmae_2shot (random)", "cmae_2shot (gpa-guided)"]
+    assert main(["bench", "masking", "--rows", "block,nope"]) == 2
+    err = capsys.readouterr().err
+    assert "'nope'" in err and "cmae_2shot (gpa-guided)" in err and "'block'" not in err

@@ -10,7 +10,7 @@ import importlib
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help)
-    "masking": ("mimscale.pretrain.masking.bench", "mask cost of every strategy relative to an MAE step"),
+    "masking": ("mimscale.pretrain.masking.bench", "mask time, FLOP ratio, time ratio and overhead of every strategy against an MAE step"),
     "data": ("mimscale.data_pipeline.bench", "images/s of every data source vs torchvision ImageFolder + DataLoader"),
     "step": ("mimscale.pretrain.engine.bench_step", "images/s, TFLOP/s, MFU, data wait and peak memory of the real training step"),
 }

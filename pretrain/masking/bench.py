@@ -1,23 +1,32 @@
-"""``mimscale bench masking``: the cost of producing each strategy's mask, measured in one run.
+"""``mimscale bench masking``: what each strategy costs against MAE, in arithmetic and in time.
 
-For one model size, every strategy's mask time per step (teacher forward included) and its whole
-training step are timed against one MAE training step with random masking (forward, backward,
-optimizer), interleaved round by round so that machine noise hits all of them alike; the medians'
-ratios are printed. Extra memory is the teacher's parameters, plus on CUDA the peak extra
-allocation of the scoring pass.
+For one model size, every strategy row builds its own method and optimizer; each round times, per
+row, ``--steps-per-round`` mask-only calls (teacher forward included) and as many whole training
+steps (mask, forward, backward, optimizer), each block between two device synchronisations. Rows are
+interleaved round by round, starting at another row each round, so machine noise hits all alike.
+Per round, a row's step time over the MAE (random masking) step's is its time ratio; the median and
+range over the rounds are printed beside the FLOP ratio of the analytic count (``engine.flops``), and
+their quotient, the overhead: 1.0 means the strategy costs exactly its arithmetic, more means time
+the FLOPs do not explain (small no-grad kernels, host work, padding). Extra memory is the teacher's
+parameters, plus on CUDA the peak extra allocation of the scoring pass.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from mimscale.config import load_config
+from mimscale.errors import UserError
+from mimscale.pretrain.engine.bench_step import _device_name, _sync
 
-# (label, overrides) of the rows; every strategy, and the variants whose cost differs
+# (label, overrides) of the rows; every strategy, and the variants whose cost differs. The first row
+# is MAE, the reference of every ratio.
 VARIANTS = [
     ("random (MAE)", ["masking.strategy=random"]),
     ("block", ["masking.strategy=block"]),
@@ -28,8 +37,8 @@ VARIANTS = [
     ("ccmim (all_blocks)", ["masking.strategy=ccmim", "masking.ccmim.importance=all_blocks"]),
     ("sbam", ["masking.strategy=sbam"]),
     ("sbam_amr", ["masking.strategy=sbam_amr"]),
-    ("cmae 2-shot (random)", ["masking.shots=[{layer: 0.8333, ratio: 0.1}]"]),
-    ("cmae 2-shot (gpa-guided)", ["masking.shots=[{layer: 0.8333, ratio: 0.1, guide: gpa}]"]),
+    ("cmae_2shot (random)", ["masking.shots=[{layer: 0.8333, ratio: 0.1}]"]),
+    ("cmae_2shot (gpa-guided)", ["masking.shots=[{layer: 0.8333, ratio: 0.1, guide: gpa}]"]),
 ]
 
 
@@ -37,34 +46,58 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="mae_vit_small_patch16", help="model size (default ViT-S)")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--rounds", type=int, default=5, help="timed rounds (after one warm-up round)")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds (default 5)")
+    p.add_argument("--warmup-rounds", type=int, default=1, help="untimed rounds first (default 1)")
+    p.add_argument("--steps-per-round", type=int, default=None,
+                   help="steps of each row per round, timed as one block (default 3 on CUDA, 1 on a CPU)")
+    p.add_argument("--rows", default=None,
+                   help="comma-separated label prefixes of the rows to run (the MAE row always runs)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", default=None, help="write the rows to this JSON file")
 
 
-def _time(fn, device: torch.device, *args) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def select(names: str | None) -> list[tuple[str, list[str]]]:
+    """The VARIANTS whose label starts with one of the comma-separated ``names`` (all when None),
+    MAE first in any case."""
+    if names is None:
+        return list(VARIANTS)
+    prefixes = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [p for p in prefixes if not any(label.startswith(p) for label, _ in VARIANTS)]
+    if unknown:
+        raise UserError(f"--rows: no row starts with {', '.join(map(repr, unknown))}; the rows are: "
+                        + ", ".join(label for label, _ in VARIANTS))
+    return [VARIANTS[0]] + [(label, o) for label, o in VARIANTS[1:] if any(label.startswith(p) for p in prefixes)]
+
+
+def _timed(steps: int, device: torch.device, fn, *args) -> float:
+    """Seconds per call of ``steps`` calls of ``fn(*args)``, synchronised before and after the block only."""
+    _sync(device)
     t0 = time.perf_counter()
-    fn(*args)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    for _ in range(steps):
+        fn(*args)
+    _sync(device)
+    return (time.perf_counter() - t0) / steps
 
 
 def run(args: argparse.Namespace) -> int:
+    from mimscale.pretrain.engine.flops import step_flops
     from mimscale.pretrain.engine.optim import param_groups
     from mimscale.pretrain.method import MIMMethod
 
     device = torch.device(args.device)
-    base = [f"model.name={args.model}", f"model.img_size={args.img_size}", "data.source=synthetic"]
+    steps = args.steps_per_round or (3 if device.type == "cuda" else 1)
+    if args.rounds < 1 or args.warmup_rounds < 0 or steps < 1:
+        raise UserError("--rounds and --steps-per-round must be >= 1, --warmup-rounds >= 0")
+    base = [f"model.name={args.model}", f"model.img_size={args.img_size}", "data.source=synthetic",
+            f"data.batch_size={args.batch}", "optim.accum_steps=1"]
     rows = []
-    for label, overrides in VARIANTS:
+    for label, overrides in select(args.rows):
         cfg = load_config(base + overrides)
         torch.manual_seed(0)
         method = MIMMethod(cfg).to(device).train()
         opt = torch.optim.AdamW(param_groups(method, 0.05), lr=1e-4)
-        rows.append((label, method, opt))
+        rows.append((label, method, opt, step_flops(cfg).per_step))
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
     dtype = torch.bfloat16 if args.precision == "bf16" else None
 
@@ -82,31 +115,55 @@ def run(args: argparse.Namespace) -> int:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    mask_t = {label: [] for label, _, _ in rows}
-    step_t = {label: [] for label, _, _ in rows}
-    for r in range(args.rounds + 1):  # round 0 warms up
+    mask_t = {label: [] for label, *_ in rows}
+    step_t = {label: [] for label, *_ in rows}
+    for r in range(args.warmup_rounds + args.rounds):
         # each round starts at another row, so no strategy always runs first (after a sync, on an
         # allocator that the previous round left in another state)
-        for label, method, opt in rows[r % len(rows):] + rows[:r % len(rows)]:
-            m = _time(mask_only, device, method)
-            s = _time(train_step, device, method, opt)
-            if r:
+        for label, method, opt, _ in rows[r % len(rows):] + rows[:r % len(rows)]:
+            m = _timed(steps, device, mask_only, method)
+            s = _timed(steps, device, train_step, method, opt)
+            if r >= args.warmup_rounds:
                 mask_t[label].append(m)
                 step_t[label].append(s)
-    mae_step = statistics.median(step_t[rows[0][0]])
-    print(f"mimscale bench masking: {args.model} at {args.img_size}px, batch {args.batch}, {args.precision}, "
-          f"{device}, median of {args.rounds} interleaved rounds; ratios to one MAE training step "
-          f"(random masking) = {1000 * mae_step:.0f} ms")
-    print("| strategy | mask time / MAE step | training step / MAE step | extra memory |")
-    print("| --- | --- | --- | --- |")
-    for label, method, _ in rows:
+
+    mae, mae_flops = rows[0][0], rows[0][3]
+    results = []
+    for label, method, _, flops in rows:
+        # ratios per round (both steps in the same round, under the same machine state), then the median
+        ratios = [s / ref for s, ref in zip(step_t[label], step_t[mae])]
+        time_ratio, flop_ratio = statistics.median(ratios), flops / mae_flops
         teacher = sum(p.numel() * p.element_size() for p in method.teacher.parameters()) if method.teacher else 0
-        extra = f"teacher {teacher / 2**20:.1f} MiB" if teacher else "none"
+        scoring_peak = None
         if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
             mask_only(method)
-            extra += f", scoring peak {(torch.cuda.max_memory_allocated() - before) / 2**20:.1f} MiB"
-        print(f"| {label} | {statistics.median(mask_t[label]) / mae_step:.3f} | "
-              f"{statistics.median(step_t[label]) / mae_step:.2f} | {extra} |")
+            scoring_peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+        results.append({
+            "row": label, "flop_ratio": flop_ratio, "time_ratio": time_ratio,
+            "time_ratio_min": min(ratios), "time_ratio_max": max(ratios), "overhead": time_ratio / flop_ratio,
+            "mask_ratio": statistics.median(m / ref for m, ref in zip(mask_t[label], step_t[mae])),
+            "step_ms": 1000 * statistics.median(step_t[label]), "mask_ms": 1000 * statistics.median(mask_t[label]),
+            "gflops_per_image": flops / args.batch / 1e9, "teacher_mib": teacher / 2**20,
+            "scoring_peak_mib": scoring_peak, "model": args.model, "img_size": args.img_size, "batch": args.batch,
+            "precision": args.precision, "device": _device_name(device), "rounds": args.rounds,
+            "steps_per_round": steps})
+
+    print(f"mimscale bench masking: {args.model} at {args.img_size}px, batch {args.batch}, {args.precision}, "
+          f"{_device_name(device)}; {args.rounds} interleaved rounds of {steps} step(s) per row after "
+          f"{args.warmup_rounds} warm-up round(s); ratios to one MAE training step (random masking) = "
+          f"{results[0]['step_ms']:.1f} ms")
+    print("| strategy | mask time / MAE step | FLOP ratio | time ratio (median) | time ratio (min–max) "
+          "| overhead | extra memory |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        extra = f"teacher {r['teacher_mib']:.1f} MiB" if r["teacher_mib"] else "none"
+        if r["scoring_peak_mib"] is not None:
+            extra += f", scoring peak {r['scoring_peak_mib']:.1f} MiB"
+        print(f"| {r['row']} | {r['mask_ratio']:.3f} | {r['flop_ratio']:.3f} | {r['time_ratio']:.3f} | "
+              f"{r['time_ratio_min']:.3f}–{r['time_ratio_max']:.3f} | {r['overhead']:.3f} | {extra} |")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     return 0
