@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU step benchmark: `mimscale bench step` for MAE ViT-B/16 and ViT-L/16 at 224 px in bf16, from
 # memory (pure compute, batch sweeps), and ViT-B from generated JPEG shards through the real loader.
-# Writes one JSON and one log per run under $OUT (default ./gpu_bench_out); about 5 minutes on one
+# Also `bench masking` at ViT-L. Writes one JSON and one log per run under $OUT (default
+# ./gpu_bench_out); about 7 minutes on one
 # H200. Assumes `python -m mimscale` works (mimscale and its dependencies installed).
 #
 #   OUT=/path/to/results bash tools/gpu_bench.sh
@@ -21,11 +22,13 @@ if [ -n "${MIMSCALE_BENCH_DRY:-}" ]; then
   MODEL_L=("${MODEL_B[@]}")
   ENGINE=(engine.precision=fp32 engine.device=cpu)
   BATCH_B=4,8 BATCH_L=4 BATCH_REAL=8 WARMUP=1 STEPS=2 IMAGES=64 SIDE=96 WORKERS=2 LIMIT=300
+  MASK_ARGS=(--model mae_vit_tiny_patch16 --img-size 32 --batch 4 --rounds 1 --device cpu --rows gpa,sbam)
 else
   MODEL_B=(model.name=mae_vit_base_patch16 model.img_size=224)
   MODEL_L=(model.name=mae_vit_large_patch16 model.img_size=224)
   ENGINE=(engine.precision=bf16 engine.device=cuda)
   BATCH_B=64,128,256 BATCH_L=64,128 BATCH_REAL=128 WARMUP=5 STEPS=30 IMAGES=3072 SIDE=384 WORKERS=14 LIMIT=90
+  MASK_ARGS=(--model mae_vit_large_patch16 --img-size 224 --batch 32 --precision bf16 --rounds 6)
 fi
 
 # run NAME TIMEOUT_S ARGS...: one logged, time-limited command; a failure does not stop the others
@@ -58,6 +61,8 @@ run write_shards 60 "$PYTHON" -m mimscale shards write --synthetic "$IMAGES" --s
   --quality 90 --workers "$WORKERS" --no-progress "$WORK/shards"
 bench vitb_real "$LIMIT" "${MODEL_B[@]}" data.source=wds "data.urls=$WORK/shards/index.json" \
   "data.num_workers=$WORKERS" --data real --batch "$BATCH_REAL" --profile "$OUT/vitb_real.profile.txt"
+# every masking strategy's cost against MAE: FLOP ratio, time ratio, overhead (ViT-L, as the papers)
+run masking "$((LIMIT + 90))" "$PYTHON" -m mimscale bench masking "${MASK_ARGS[@]}" --json "$OUT/masking.json"
 # last, as its compile time is the least known: torch.compile of every block
 bench vitl_compiled "$((LIMIT + 90))" "${MODEL_L[@]}" engine.compile=true --batch "$BATCH_L"
 
