@@ -247,7 +247,8 @@ class EngineConfig:
                                       "signals that checkpoint at the next step and exit cleanly; "
                                       "[] = none (drop SIGUSR1 where NCCL uses it)")
     max_nonfinite_steps: int = _opt(10, "consecutive non-finite steps skipped before the run stops "
-                                    "(0 = stop at the first)", ge=0)
+                                    "(0 = stop at the first); checked on the host at the next log line "
+                                    "or checkpoint, not every step", ge=0)
     memory_report_steps: int = _opt(2, "report per-rank memory after this many steps; 0 = never", ge=0)
     peak_tflops: float | None = _opt(None, "the device's peak TFLOP/s for MFU; null = looked up from the "
                                      "GPU's name and engine.precision (none on CPUs: no MFU)", gt=0)

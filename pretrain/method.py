@@ -153,7 +153,7 @@ class MIMMethod(nn.Module):
         t0 = time.perf_counter()
         masked = self.make_mask(images, generator)
         mask_time = torch.tensor(1000 * (time.perf_counter() - t0))
-        out = self.student(images, masked.mask, self.plan, generator)
+        out = self.student(images, masked.mask, self.plan, generator, masked.visible)
         self.strategy.observe(out.loss_per_image)
         pixel, shot_means = shot_weighted_pixel_loss(out.loss_per_patch, out.shot_masks, self.loss_weights,
                                                      self.shot_ratios)
@@ -200,14 +200,16 @@ class MIMMethod(nn.Module):
         return self.student.forward_encoder(images, visible)[:, 0]
 
     @torch.no_grad()
-    def after_optimizer_step(self, step: int, total_steps: int) -> None:
-        """EMA teacher update after each optimizer step (a frozen teacher never changes)."""
+    def after_optimizer_step(self, step: int, total_steps: int, applied: torch.Tensor | None = None) -> None:
+        """EMA teacher update after each optimizer step (a frozen teacher never changes).
+        ``applied``: the step's bool on the device; after a skipped step the teacher must not
+        follow, which is decided there (no host sync)."""
         if not self.ema_teacher:
             return
         m = ema_momentum(step, total_steps, *self.momentum)
-        ema_update_(*self.teacher.ema_pairs(self.student), m)
+        ema_update_(*self.teacher.ema_pairs(self.student), m, applied)
         if self.nce.weight > 0:
-            ema_update_(list(self.momentum_projector.parameters()), list(self.projector.parameters()), m)
+            ema_update_(list(self.momentum_projector.parameters()), list(self.projector.parameters()), m, applied)
 
     # ------------------------------------------------------------------ state
 

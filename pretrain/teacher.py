@@ -24,12 +24,23 @@ def ema_momentum(step: int, total_steps: int, base: float = 0.996, final: float 
 
 
 @torch.no_grad()
-def ema_update_(teacher: list[torch.Tensor], student: list[torch.Tensor], momentum: float) -> None:
-    """In place: ``θ_t ← m·θ_t + (1−m)·θ_s`` for every pair, as one fused foreach lerp."""
+def ema_update_(teacher: list[torch.Tensor], student: list[torch.Tensor], momentum: float,
+                applied: torch.Tensor | None = None) -> None:
+    """In place: ``θ_t ← m·θ_t + (1−m)·θ_s`` for every pair, as one fused foreach lerp.
+
+    ``applied`` (a bool tensor: did the optimizer step run?) gates the update on the device, with
+    no host sync: the weight ``(1−m)·applied`` is 0 after a skipped step, so the teacher stays
+    bit-identical. A tensor weight takes three foreach ops and a transient copy of the teacher."""
     if len(teacher) != len(student):
         raise ValueError(f"teacher has {len(teacher)} tensors, student {len(student)}")
-    if teacher:
+    if not teacher:
+        return
+    if applied is None:
         torch._foreach_lerp_(teacher, student, 1.0 - momentum)
+        return
+    delta = torch._foreach_sub(student, teacher)
+    torch._foreach_mul_(delta, applied.to(teacher[0].device, torch.float32) * (1.0 - momentum))
+    torch._foreach_add_(teacher, delta)
 
 
 class TeacherEncoder(nn.Module):

@@ -24,16 +24,26 @@ def test_poison_keeps_finite_gradients_and_poisons_nonfinite_ones():
     assert torch.isnan(w.grad).all()
 
 
-def test_guard_counts_streaks_and_stops_after_the_budget():
+def test_guard_counts_streaks_and_stops_at_the_check_after_the_budget():
     guard = NumericsGuard(max_consecutive=2)
     for step, finite in enumerate([True, False, True, False, False], start=1):
-        guard.record(step, finite)
+        guard.record(step, torch.tensor(finite))
+    guard.check()
     assert (guard.skipped, guard.streak) == (3, 2)
+    guard.record(6, torch.tensor(False))  # the streak passes the budget here ...
+    guard.record(7, torch.tensor(True))   # ... and ends before the check: still caught
+    assert (guard.skipped, guard.streak) == (4, 0)
     with pytest.raises(NonFiniteError, match=r"3 consecutive steps \(up to step 6\).*max_nonfinite_steps=2"):
-        guard.record(6, False)
+        guard.check()
     zero = NumericsGuard(0)
+    zero.record(1, False)  # a bool the caller has read already
     with pytest.raises(NonFiniteError):
-        zero.record(1, False)
+        zero.check()
+    resumed = NumericsGuard(2)
+    resumed.load_state_dict({"skipped": 5})
+    assert resumed.skipped == 5
+    resumed.record(1, torch.tensor(False))
+    assert resumed.state_dict() == {"skipped": 6} and type(resumed.state_dict()["skipped"]) is int
 
 
 def test_skipped_steps_change_nothing_and_a_diverged_run_keeps_its_last_good_checkpoint(

@@ -61,3 +61,15 @@ def test_a_truncated_teacher_scores_the_block_the_config_names(tiny_config, tmp_
     frozen = frozen_teacher(str(path), "mae_vit_tiny_patch16", 32, 8, lambda full: block % full + 1)
     assert len(frozen.blocks) == block % 12 + 1 and frozen.full_depth == 12
     torch.testing.assert_close(block_qk(frozen, images, block), want)
+
+
+def test_ema_gated_on_the_device_follows_only_applied_steps():
+    g = torch.Generator().manual_seed(1)
+    teacher = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g)]
+    student = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g)]
+    before = [t.clone() for t in teacher]
+    ema_update_(teacher, student, 0.9, applied=torch.tensor(False))
+    assert all(torch.equal(t, b) for t, b in zip(teacher, before))  # a skipped step: bit-identical
+    ema_update_(teacher, student, 0.9, applied=torch.tensor(True))
+    for t, b, s in zip(teacher, before, student):
+        torch.testing.assert_close(t, 0.9 * b + 0.1 * s, rtol=1e-6, atol=1e-6)

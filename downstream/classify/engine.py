@@ -266,6 +266,7 @@ class _Trainer:
                 self.step += 1
                 wait.step()
                 self.guard.record(self.step, finite)
+                self.guard.check()  # this loop reads the norm every step anyway: stop at once
                 if finite:
                     window.append(loss)
                 window_images += cfg.data.batch_size * accum * self.env.world_size

@@ -6,7 +6,7 @@ so the loop never asks which one it has:
 
     wrap(model) -> build_optimizer(groups, lr, betas) -> per step: set_lr, then per micro-step
     ``with accumulate(sync): with autocast(): loss = model(...); backward(loss, scale)``, then
-    ``step(clip)`` -> gradient norm (non-finite = the step was skipped); ``local_shards()`` around
+    ``step(clip)`` -> gradient norm, a device tensor (non-finite = the step was skipped); ``local_shards()`` around
     updates that follow the student (EMA teacher); ``save(folder)`` / ``load(folder, state)``.
 """
 
@@ -137,25 +137,33 @@ class Backend:
         """Global gradient norm; clip; step unless the norm is non-finite; zero the gradients.
 
         The norm is the same number on every rank (reduced gradients), so the skip decision is
-        too. Reading it is the one host sync per step: the caller must know whether the step ran
-        (the EMA teacher must not follow a skipped step)."""
+        too. It is made on the device: torch's fused AdamW skips its whole update (parameters,
+        moments and step count) where ``found_inf`` is 1, the mechanism ``GradScaler`` uses, so
+        nothing is read on the host. Another optimizer (the linear probe's LARS) has no such input:
+        the norm is read on the host for it, one sync per step."""
         params = [p for p in self.module.parameters() if p.grad is not None]
         grads = [p.grad for p in params]
         if not self._grad_bytes:
             self._grad_bytes = gradient_bytes(self.module)
-        norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros(())
-        # FSDP2: a replicated DTensor; it stays one for clipping the DTensor gradients
-        value = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        if math.isfinite(value):
-            if clip_grad is not None:
-                torch.nn.utils.clip_grads_with_norm_(params, clip_grad, norm, foreach=True)
+        norm = (torch.nn.utils.get_total_norm(grads, foreach=True) if grads
+                else torch.zeros((), device=self.device))
+        if clip_grad is not None:  # a non-finite norm makes the gradients NaN: they are not applied
+            torch.nn.utils.clip_grads_with_norm_(params, clip_grad, norm, foreach=True)
+        # FSDP2: a replicated DTensor (it stays one for clipping the DTensor gradients)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        if _skips_on_device(self.optimizer):
+            self.optimizer.found_inf = (~torch.isfinite(norm)).float()
+            self.optimizer.step()
+            self.optimizer.found_inf = None
+        elif math.isfinite(float(norm)):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return torch.tensor(value)
+        return norm
 
     def step(self, clip_grad: float | None) -> torch.Tensor:
-        """Clip (if asked), step, zero grads; returns the pre-clip gradient norm. A non-finite norm
-        means the step was skipped (nothing was applied)."""
+        """Clip (if asked), step, zero grads; returns the pre-clip gradient norm, a tensor on the
+        device (reading it is the caller's host sync). A non-finite norm means the step was skipped
+        (nothing was applied)."""
         return self._clip_and_step(clip_grad)
 
     # ----------------------------------------------------------------- state
@@ -228,8 +236,7 @@ class DDPBackend(Backend):
         return self.model
 
     def build_optimizer(self, groups: list[dict], lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
-        fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)  # see _clip_and_step
         return self.optimizer
 
     def accumulate(self, sync: bool):
@@ -254,6 +261,11 @@ class DDPBackend(Backend):
             self.optimizer.load_state_dict(optimizer)  # written by torch's own optimizer.state_dict()
         else:
             set_optimizer_state_dict(self.module, self.optimizer, optimizer)
+
+
+def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step`` takes ``found_inf`` (torch's fused Adam/AdamW/SGD)."""
+    return bool(optimizer.defaults.get("fused")) and getattr(optimizer, "_step_supports_amp_scaling", False)
 
 
 def build_backend(cfg_engine, env: DistEnv, cfg_optim=None, micro_batch: int | None = None) -> Backend:

@@ -113,7 +113,7 @@ class FSDPBackend(Backend):
         return model
 
     def build_optimizer(self, groups: list[dict], lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
-        fused = self.device.type == "cuda" and not self.cpu_offload
+        fused = not self.cpu_offload  # fused: skips a non-finite step on the device (backend.py)
         self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
         return self.optimizer
 

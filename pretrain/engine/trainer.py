@@ -177,7 +177,10 @@ class Trainer:
         """One optimizer step: lr, each micro-step (mask, forward, backward), clip and step (skipped
         when the gradient norm is not finite), the EMA teacher. ``batches`` hands out batches
         (``next(wait)``) and may read one ahead (``fetch(wait)``). The loop and ``bench step`` share it.
-        Returns the last micro-step's images and output, the step's summed terms and the gradient norm."""
+        Returns the last micro-step's images and output, the step's summed terms and the gradient
+        norm (a device tensor; non-finite: the step was skipped). Nothing here reads the device on
+        the host: whether the step is applied, the EMA teacher and the guard's count are decided
+        on the device (DeepSpeed's own step is the exception: it syncs inside)."""
         cfg = self.cfg
         accum = cfg.optim.accum_steps
         self.backend.set_lr(cosine_lr(self.step, self.lr, self.total_steps, self.warmup_steps, cfg.optim.min_lr))
@@ -192,11 +195,10 @@ class Trainer:
             for k, v in {"loss": out.loss, **out.terms}.items():
                 v = v.detach().float()
                 step_terms[k] = step_terms[k] + v if k in step_terms else v
-        grad_norm = float(self.backend.step(cfg.optim.clip_grad))
-        finite = math.isfinite(grad_norm)
-        if finite:  # a skipped step changed nothing, so nothing follows it
-            with self.backend.local_shards():
-                self.method.after_optimizer_step(self.step, self.total_steps)
+        grad_norm = self.backend.step(cfg.optim.clip_grad)
+        finite = torch.isfinite(grad_norm)
+        with self.backend.local_shards():  # a skipped step changed nothing, so nothing follows it
+            self.method.after_optimizer_step(self.step, self.total_steps, finite)
         self.step += 1
         wait.step()
         self.guard.record(self.step, finite)
@@ -225,17 +227,21 @@ class Trainer:
         while self.step < self.total_steps:
             epoch = batches.position["epoch"]
             images, out, step_terms, grad_norm = self.train_step(batches, wait)
-            finite = math.isfinite(grad_norm)
-            if finite:
-                window.add({k: v / accum for k, v in step_terms.items()},
-                           images.shape[0] * accum * self.env.world_size)
+            window.add({k: v / accum for k, v in step_terms.items()},
+                       images.shape[0] * accum * self.env.world_size, torch.isfinite(grad_norm))
 
             if cfg.engine.memory_report_steps and self.step == report_at:
                 self._memory_report()
-            if self.step % cfg.logging.log_every == 0 or self.step == self.total_steps:
+            last = self.step == self.total_steps
+            checkpoint = self.step % cfg.output.checkpoint_every == 0 or last
+            log = self.step % cfg.logging.log_every == 0 or last
+            if log or checkpoint:  # the guard's counters are read here only, not every step
+                self.guard.check()
+            if log:
                 means, images_per_s = window.flush()
+                norm = float(grad_norm)  # the last step's
                 metrics = {"epoch": epoch, **means, "lr": self.optimizer.param_groups[0]["lr"],
-                           "grad_norm": grad_norm if finite else None, "images_per_s": images_per_s,
+                           "grad_norm": norm if math.isfinite(norm) else None, "images_per_s": images_per_s,
                            **self.throughput.of(images_per_s),
                            "data_wait_ms": wait.flush_ms(), "skipped_steps": self.guard.skipped}
                 self.logger.log(self.step, metrics)
@@ -246,8 +252,7 @@ class Trainer:
             if cfg.logging.image_every and self.step % cfg.logging.image_every == 0 and self.env.is_main:
                 self._figure(images, out)
             # no periodic checkpoint in a streak of skipped steps: the last one written stays the newest
-            if (self.step % cfg.output.checkpoint_every == 0 and self.guard.streak == 0
-                    or self.step == self.total_steps):
+            if checkpoint and (last or self.guard.streak == 0):
                 self.save_checkpoint()
             if self.backend.any_rank(preemption.requested):
                 stopped_by = preemption.received or "a signal on another rank"
@@ -304,10 +309,10 @@ def _to_cpu(obj):
 
 
 class _OneAhead:
-    """The loader, read one batch ahead on request. Why: the trainer reads the gradient norm on
-    the host right after the backward pass is queued, and then the device idles until the next
-    batch is fetched and queued; fetching it before that read hides the fetch behind the backward
-    pass. ``position`` is the loader's state after the batches handed out so far, which is what a
+    """The loader, read one batch ahead on request. Why: the host may wait on the device after
+    the backward pass is queued (at a log line, or on a full launch queue), and then the device
+    idles until the next batch is fetched and queued; fetching it before hides the fetch behind
+    the backward pass. ``position`` is the loader's state after the batches handed out so far, which is what a
     checkpoint records: a batch fetched ahead is read again after a resume."""
 
     def __init__(self, loader):
@@ -334,32 +339,36 @@ class _OneAhead:
 
 
 class _Window:
-    """Sums logged terms between two log lines on the device; averaged over ranks and read once
-    (one host sync) when flushed."""
+    """Sums the logged terms of applied steps between two log lines, and counts those steps and
+    their images, all on the device (a skipped step adds zeros: its terms may be NaN); averaged
+    over ranks and read once (one host sync) when flushed."""
 
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
-        self.images = 0
+        self.count: torch.Tensor | int = 0
+        self.images: torch.Tensor | int = 0
         self.start = time.perf_counter()
 
-    def add(self, terms: dict[str, torch.Tensor], images: int) -> None:
+    def add(self, terms: dict[str, torch.Tensor], images: int, applied: torch.Tensor) -> None:
         for k, v in terms.items():
+            v = torch.where(applied, v, 0.0)  # a CPU scalar (mask time) joins the device
             self.sums[k] = self.sums[k] + v if k in self.sums else v
-        self.count += 1
-        self.images += images
+        self.count = self.count + applied.long()
+        self.images = self.images + applied.long() * images
 
     def flush(self) -> tuple[dict[str, float], float]:
-        means = {}
-        if self.count:
+        means, images = {}, 0
+        if self.sums:
             keys = sorted(self.sums)
-            values = torch.stack([self.sums[k].to(self.sums[keys[0]].device) for k in keys])
+            values = torch.stack([self.sums[k].double() for k in keys])
             world = dist.get_world_size() if dist.is_initialized() else 1
-            if world > 1:
+            if world > 1:  # every rank has the same keys and applied steps
                 dist.all_reduce(values)
                 values = values / world
-            means = {k: v / self.count for k, v in zip(keys, values.cpu().tolist())}
-            means = {"loss": means.pop("loss"), **means}
-        rate = self.images / max(1e-9, time.perf_counter() - self.start)
+            *values, count, images = torch.cat([values, torch.stack([self.count, self.images]).double()]).tolist()
+            if count:
+                means = {k: v / count for k, v in zip(keys, values)}
+                means = {"loss": means.pop("loss"), **means}
+        rate = images / max(1e-9, time.perf_counter() - self.start)
         self.__init__()
         return means, rate

@@ -135,11 +135,12 @@ class DeepSpeedBackend(Backend):
 
     def step(self, clip_grad: float | None = None) -> torch.Tensor:
         """DeepSpeed's step (clipping as configured at build); it skips a step whose gradient norm
-        is not finite, which the returned norm shows."""
+        is not finite, which the returned norm shows. DeepSpeed's overflow check reads the norm on
+        the host inside its step: this backend syncs once per step (ddp and fsdp do not)."""
         if not self._grad_bytes:
             self._grad_bytes = nested_bytes(getattr(self.optimizer, "averaged_gradients", {}))
         self.engine.step()
-        return torch.tensor(float(self.engine.get_global_grad_norm()))
+        return torch.tensor(float(self.engine.get_global_grad_norm()), device=self.device)
 
     @contextlib.contextmanager
     def local_shards(self):

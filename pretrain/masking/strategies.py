@@ -45,6 +45,7 @@ class MaskResult:
     mask: torch.Tensor                   # [B, N] bool, True = hidden
     score: torch.Tensor | None = None    # [B, N] what the selector ranked or sampled from
     logs: dict | None = None             # scalars worth logging (ratios, entropy, heads, ...)
+    visible: int | None = None           # patches every image keeps, when known on the host
 
 
 class Strategy(nn.Module):
@@ -71,7 +72,9 @@ class Strategy(nn.Module):
             raise ValueError(f"selector {self.selector!r} needs a score; strategy {type(self).__name__} has none")
         mask = select(self.selector, ranked, counts, ctx.generator, grid=ctx.grid, width=self.width,
                       batch=ctx.batch, device=ctx.images.device)
-        return MaskResult(mask, score)
+        # every selector hides exactly ``counts``: with a fixed ratio the encoder needs no host read
+        visible = None if isinstance(self.ratio, torch.Tensor) else F.num_visible(ctx.num_patches, self.ratio)
+        return MaskResult(mask, score, visible=visible)
 
     def observe(self, loss_per_image: torch.Tensor) -> None:
         """Per-image reconstruction losses of the step this strategy masked (PLB uses them)."""

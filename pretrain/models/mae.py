@@ -138,32 +138,38 @@ class MaskedAutoencoderViT(nn.Module):
         return x.reshape(x.shape[0], c, gh * p, gw * p)
 
     # ------------------------------------------------------------------------------- masking
-    def visible_slots(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def visible_slots(self, mask: torch.Tensor, visible: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Visible patch indices ``[B, Kmax]`` in ascending order and their padding ``[B, Kmax]``
-        (True = padded slot), so images may keep different numbers of patches (AMR, shots)."""
+        (True = padded slot), so images may keep different numbers of patches (AMR, shots).
+        ``visible``: the count every image keeps, when the caller knows it (a fixed ratio); else
+        ``Kmax`` is read from the mask, a host sync."""
         if mask.dtype != torch.bool or mask.dim() != 2 or mask.shape[1] != self.num_patches:
             raise ValueError(
                 f"mask must be a bool tensor [B, {self.num_patches}], got "
                 f"{mask.dtype} {tuple(mask.shape)}"
             )
-        visible = (~mask).sum(dim=1)
-        k = int(visible.max()) if mask.shape[0] else 0
+        if visible is not None:
+            ids = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)[:, :visible]
+            return ids, torch.zeros_like(ids, dtype=torch.bool)
+        counts = (~mask).sum(dim=1)
+        k = int(counts.max()) if mask.shape[0] else 0
         ids = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)[:, :k]
-        pad = torch.arange(k, device=mask.device)[None, :] >= visible[:, None]
+        pad = torch.arange(k, device=mask.device)[None, :] >= counts[:, None]
         return ids, pad
 
     # ------------------------------------------------------------------------------- forward
     def encode(self, imgs: torch.Tensor, mask: torch.Tensor, plan=None,
-               generator: torch.Generator | None = None) -> Encoded:
+               generator: torch.Generator | None = None, visible: int | None = None) -> Encoded:
         """Encoder on the visible patches of ``mask``; a shot ``plan`` (``masking.multishot``) may
-        hide more patches inside the encoder, before the blocks it names."""
-        ids, pad = self.visible_slots(mask)
+        hide more patches inside the encoder, before the blocks it names. ``visible``: see
+        ``visible_slots``."""
+        ids, pad = self.visible_slots(mask, visible)
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
         x = torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls.to(x.dtype), x], dim=1)
         shot_masks = [mask]
-        kpm = _with_cls(pad)
+        kpm = None if visible is not None else _with_cls(pad)  # equal counts: nothing padded
         for j, blk in enumerate(self.blocks):
             if plan is not None and j in plan.layers:
                 x, ids, pad, hidden = plan.apply(j, blk, x, ids, pad, self.num_patches, generator)
@@ -182,10 +188,10 @@ class MaskedAutoencoderViT(nn.Module):
         """``latent [B, 1+K, D]`` -> ``pred [B, N, p*p*C]``; mask tokens fill the hidden slots."""
         return self.decoder_pred(self.decoder_trunk(latent, mask))
 
-    def decoder_trunk(self, latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def decoder_trunk(self, latent: torch.Tensor, mask: torch.Tensor, visible: int | None = None) -> torch.Tensor:
         """The decoder up to its final norm, patch tokens only, ``[B, N, Dd]``: the shared trunk that
-        the pixel head (and GPA's MAM head) read."""
-        ids, pad = self.visible_slots(mask)
+        the pixel head (and GPA's MAM head) read. ``visible``: see ``visible_slots``."""
+        ids, pad = self.visible_slots(mask, visible)
         if latent.shape[1] != ids.shape[1] + 1:
             raise ValueError(f"latent has {latent.shape[1] - 1} patch tokens but the mask shows "
                              f"{ids.shape[1]} visible patches")
@@ -221,9 +227,11 @@ class MaskedAutoencoderViT(nn.Module):
         return loss, loss_per_image
 
     def forward(self, imgs: torch.Tensor, mask: torch.Tensor, plan=None,
-                generator: torch.Generator | None = None) -> MAEOutput:
-        enc = self.encode(imgs, mask, plan, generator)
-        features = self.decoder_trunk(enc.latent, enc.mask)
+                generator: torch.Generator | None = None, visible: int | None = None) -> MAEOutput:
+        """``visible``: the count every image keeps, if known on the host (no host read then)."""
+        enc = self.encode(imgs, mask, plan, generator, visible)
+        shots = len(enc.shot_masks) > 1  # a plan hid more: the final counts are the mask's
+        features = self.decoder_trunk(enc.latent, enc.mask, None if shots else visible)
         pred = self.decoder_pred(features)
         per_patch = self.pixel_loss(imgs, pred)
         m = enc.mask.float()
