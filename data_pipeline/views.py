@@ -268,7 +268,9 @@ _CONSTANTS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 def _device_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     if device not in _CONSTANTS:
-        _CONSTANTS[device] = (torch.from_numpy(_SCALE).to(device), torch.from_numpy(_SHIFT).to(device))
+        pinned = device.type == "cuda"  # an asynchronous copy: no host sync, even the first time
+        _CONSTANTS[device] = tuple((torch.from_numpy(c).pin_memory() if pinned else torch.from_numpy(c))
+                                   .to(device, non_blocking=pinned) for c in (_SCALE, _SHIFT))
     return _CONSTANTS[device]
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import functional as F
-from .selectors import mask_from_keys
+from .selectors import mask_from_keys, to_device
 
 
 def resolve_layer(layer: int | float, depth: int) -> int:
@@ -36,7 +36,7 @@ class ShotPlan:
         """Drop priority per slot ``[B, Kslots]`` (highest dropped first); padding never dropped."""
         B, slots = pad.shape
         if guide == "random":
-            keys = torch.rand(B, slots, generator=generator).to(x.device)
+            keys = to_device(torch.rand(B, slots, generator=generator), x.device)
         else:
             q, k = blk.attn.qk(blk.norm1(x))
             valid = torch.cat([torch.ones_like(pad[:, :1]), ~pad], dim=1)[:, None, :, None]

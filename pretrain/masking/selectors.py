@@ -32,9 +32,18 @@ def mask_from_keys(keys: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return rank < counts.to(keys.device)[:, None]
 
 
+def to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """``x``, drawn on the host (where the step's generator lives), on ``device`` without a host
+    sync: a copy to a GPU goes through pinned memory, asynchronously (a pageable copy blocks)."""
+    device = torch.device(device)
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def _uniform(shape, generator: torch.Generator | None, device) -> torch.Tensor:
     dev = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=dev).to(device)
+    return to_device(torch.rand(shape, generator=generator, device=dev), device)
 
 
 def topk_mask(scores: torch.Tensor, counts: torch.Tensor | int) -> torch.Tensor:
@@ -98,7 +107,7 @@ def block_mask(batch: int, grid: tuple[int, int], counts: torch.Tensor | int, ge
         mask |= rect & accept[:, None, None]
         remaining -= np.where(accept, new, 0)
     keys = torch.from_numpy(mask.reshape(batch, n)).float() * 2 + _uniform((batch, n), generator, "cpu")
-    return mask_from_keys(keys, want).to(device)
+    return to_device(mask_from_keys(keys, want), device)
 
 
 def select(name: str, scores: torch.Tensor | None, counts: torch.Tensor, generator=None, *,

@@ -17,7 +17,7 @@ from mimscale.config import ConfigError
 
 from . import functional as F
 from .scoring import block_qk, cls_attention_all_blocks, input_tokens
-from .selectors import masked_counts, select
+from .selectors import masked_counts, select, to_device
 
 
 @dataclass
@@ -135,8 +135,8 @@ class IDMStrategy(Strategy):
         p = self.p.float()
         if self.scope == "step":
             head = torch.multinomial(p, 1, generator=ctx.shared_generator)
-            return head.expand(ctx.batch).to(ctx.images.device)
-        return torch.multinomial(p, ctx.batch, replacement=True, generator=ctx.generator).to(ctx.images.device)
+            return to_device(head.expand(ctx.batch), ctx.images.device)
+        return to_device(torch.multinomial(p, ctx.batch, replacement=True, generator=ctx.generator), ctx.images.device)
 
     def scores(self, ctx):
         if ctx.epoch > self.epoch:
