@@ -41,8 +41,9 @@ class NumericsGuard:
         """Count optimizer step ``step``; ``finite``: whether it was applied (a bool tensor, or a
         bool where the caller has read it already)."""
         finite = torch.as_tensor(finite)
-        if self._counts is None:
-            self._counts = torch.tensor([0, self._loaded, 0], device=finite.device)
+        if self._counts is None:  # filled on the device: a tensor from a list would be a blocking copy
+            self._counts = torch.zeros(3, dtype=torch.long, device=finite.device)
+            self._counts[1] += self._loaded
         streak, skipped, over = self._counts.unbind()
         streak = torch.where(finite, 0, streak + 1)
         over = torch.where((over == 0) & (streak > self.max_consecutive), step, over)
