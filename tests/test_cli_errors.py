@@ -88,6 +88,8 @@ CASES = {
     "pretrain-too-few-samples": (["pretrain", *TINY, "data.batch_size=32"], ["16 samples cannot fill one batch of 32"]),
     "pretrain-beton-missing": (["pretrain", *TINY, "data.source=ffcv", "data.urls={missing}.beton"],
                                ["{missing}.beton"]),
+    "pretrain-offload-on-cpu": (["pretrain", *TINY, "engine.device=cpu", "engine.backend=fsdp", "engine.cpu_offload=true",
+                                 "output.dir={root}/offload"], ["engine.cpu_offload", "engine.device=cpu"]),
     "pretrain-recipe-missing": (["pretrain", "recipe={missing}.yaml"], ["{missing}.yaml"]),
     "demo-gpa-head": (["demo", "recipe=gpa", "teacher.checkpoint={step}", "--steps", "4", "--out", "{root}/demo",
                        "model.img_size=32", "data.synthetic_size=40", "data.synthetic_images=16"], ["masking.gpa.head=11", "3 heads"]),

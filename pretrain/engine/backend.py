@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mimscale.config import ConfigError
+
 from .blocks import prepare_blocks
 from .memory import gradient_bytes, nested_bytes, parameter_bytes
 
@@ -99,7 +101,7 @@ class Backend:
     @staticmethod
     def _check_offload(cpu_offload: bool, device: torch.device) -> None:
         if cpu_offload and device.type != "cuda":
-            raise ValueError("engine.cpu_offload moves sharded state from GPU memory to the host; on "
+            raise ConfigError("engine.cpu_offload moves sharded state from GPU memory to the host; on "
                              f"engine.device={device.type} there is nothing to offload: drop it")
 
     # ----------------------------------------------------------------- model
