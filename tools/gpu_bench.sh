@@ -2,7 +2,8 @@
 # GPU step benchmark: `mimscale bench step` for MAE ViT-B/16 and ViT-L/16 at 224 px in bf16, from
 # memory (pure compute, batch sweeps), and ViT-B from generated JPEG shards through the real loader.
 # Also `bench masking` at ViT-L. Writes one JSON and one log per run under $OUT (default
-# ./gpu_bench_out); about 7 minutes on one H200. Assumes `python -m mimscale` works (mimscale and its dependencies installed).
+# ./gpu_bench_out); about 7 minutes on one H200. Assumes `python -m mimscale` works (mimscale and
+# its dependencies installed).
 #
 #   OUT=/path/to/results bash tools/gpu_bench.sh
 #   MIMSCALE_BENCH_DRY=1 bash tools/gpu_bench.sh   # the same runs with a tiny model on the CPU (checks the script)
