@@ -9,8 +9,10 @@ before the kill; ``job.py`` checkpoints at the next step boundary and requeues.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import shutil
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,6 +161,22 @@ def build_executor(folder: Path, options: SchedulerOptions, name: str):
     if options.cluster == "local":  # not an AutoExecutor parameter, but the local controller honours it
         executor._executor.update_parameters(signal_delay_s=options.signal_delay)
     return executor
+
+
+@contextlib.contextmanager
+def cancellable_local_jobs():
+    """Submit with SIGINT at its default. A local job's controller stops its tasks on SIGINT (how
+    ``mimscale status --cancel`` cancels it), but a process started with SIGINT ignored (a script's
+    background job, nohup) passes that on to the controller it spawns, which then could never be
+    cancelled and would leave its tasks running."""
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def sbatch_script(executor, array_size: int | None = None) -> str:

@@ -29,7 +29,13 @@ import yaml
 from mimscale.config import ConfigError
 
 from .book import RunBook
-from .executor import SchedulerOptions, build_executor, python_on_path_note, sbatch_script
+from .executor import (
+    SchedulerOptions,
+    build_executor,
+    cancellable_local_jobs,
+    python_on_path_note,
+    sbatch_script,
+)
 from .job import CommandJob
 
 NOT_LAUNCHABLE = ("launch", "sweep", "status")
@@ -97,7 +103,8 @@ def launch(run: PreparedRun, options: SchedulerOptions, dry_run: bool = False) -
               f"# {python_on_path_note()}")
         return None
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    job = executor.submit(CommandJob(run.argv, run.run_dir))
+    with cancellable_local_jobs():
+        job = executor.submit(CommandJob(run.argv, run.run_dir))
     RunBook(run.run_dir).record("submitted", job_id=job.job_id, cluster=options.cluster)
     write_launch_record(run.run_dir, run.argv, options)
     print(f"submitted job {job.job_id} ({options.cluster}: {options.nodes} node(s) x {options.tasks} task(s))\n"

@@ -16,7 +16,13 @@ from mimscale.config import ConfigError
 from mimscale.downstream.sweeps import expand
 
 from .book import RunBook
-from .executor import SchedulerOptions, build_executor, python_on_path_note, sbatch_script
+from .executor import (
+    SchedulerOptions,
+    build_executor,
+    cancellable_local_jobs,
+    python_on_path_note,
+    sbatch_script,
+)
 from .job import CommandJob
 from .launch import PreparedRun, prepare, write_launch_record
 from .status import run_state
@@ -58,7 +64,7 @@ def submit_sweep(file: str, variables: dict[str, str], options: SchedulerOptions
         return []
     sweep_dir.mkdir(parents=True, exist_ok=True)
     executor = build_executor(sweep_dir / "submitit", options, name)
-    with executor.batch():
+    with cancellable_local_jobs(), executor.batch():
         jobs = [executor.submit(CommandJob(run.argv, run.run_dir)) for _, run in todo]
     for (_, run), job in zip(todo, jobs):
         run.run_dir.mkdir(parents=True, exist_ok=True)

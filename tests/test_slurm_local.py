@@ -150,11 +150,17 @@ def test_sweep_element_killed_then_resubmitted_alone(tmp_path, monkeypatch, caps
 
 def test_a_signal_no_train_loop_holds_requeues_through_submitit(tmp_path, monkeypatch):
     """A command without step-boundary checkpoints (here a benchmark) leaves the signal to
-    submitit's own handler, which requeues at once; the history shows a requeue, not a failure."""
+    submitit's own handler, which requeues at once; the history shows a requeue, not a failure.
+    Launched with SIGINT ignored (as in a script's background job), the job can still be cancelled."""
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "bench"
-    assert main(["launch", "bench", "masking", "--model", "mae_vit_tiny_patch16", "--img-size", "32",
-                 "--batch", "2", "--rounds", "400", "--run-dir", str(run), "--cluster", "local"]) == 0
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert main(["launch", "bench", "masking", "--model", "mae_vit_tiny_patch16", "--img-size", "32",
+                     "--batch", "2", "--rounds", "400", "--run-dir", str(run), "--cluster", "local"]) == 0
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # the launcher put it back
+    finally:
+        signal.signal(signal.SIGINT, before)
     job = RunBook(run).job_ids()[0]
     _wait(lambda: RunBook(run).last("started") is not None and len(_tasks(job)) == 1, "the job to start")
     time.sleep(3)  # into the benchmark
