@@ -38,6 +38,8 @@ def bad(tmp_path_factory):
     (junk_step / "state.pt").write_bytes(os.urandom(4096))
     (junk_step / "COMPLETE").write_text("")
     tarfile.open(root / "nosamples.tar", "w").close()  # a valid tar without one image
+    (root / "zero.tar").write_bytes(b"")
+    (root / "text.tar").write_text("not a tar\n")
     (root / "index.json").write_text(json.dumps({"wids_version": 1, "shardlist": []}))
     return {"missing": str(root / "nope"), "empty": str(root / "empty"), "run": str(root / "run"),
             "step": str(root / "run" / "checkpoints" / "step_00000001"),
@@ -85,6 +87,10 @@ CASES = {
                                   ["index.json lists no shards", "{{'url': ..., 'nsamples': ...}}"]),
     "pretrain-urls-no-samples": (["pretrain", *TINY, "data.source=wds", "data.urls={root}/nosamples.tar"],
                                  ["hold no samples", "nosamples.tar"]),
+    "pretrain-urls-zero-bytes": (["pretrain", *TINY, "data.source=wds", "data.urls=[{root}/nosamples.tar,{root}/zero.tar]"],
+                                 ["shard {root}/zero.tar is not a tar file"]),
+    "pretrain-urls-not-a-tar": (["pretrain", *TINY, "data.source=wds", "data.urls={root}/text.tar"],
+                                ["shard {root}/text.tar is not a tar file"]),
     "pretrain-too-few-samples": (["pretrain", *TINY, "data.batch_size=32"], ["16 samples cannot fill one batch of 32"]),
     "pretrain-beton-missing": (["pretrain", *TINY, "data.source=ffcv", "data.urls={missing}.beton"],
                                ["{missing}.beton"]),

@@ -318,12 +318,16 @@ def iter_members(tar: tarfile.TarFile | PlainTar) -> Iterator[tuple[int, str, st
 def count_samples(url: str) -> int:
     """Samples in a shard, from its headers (a truncated tar counts what is readable, with a warning)."""
     n = 0
-    with _open_tar(url) as tar:
-        try:
-            for index, *_ in iter_members(tar):
-                n = index + 1
-        except (tarfile.TarError, EOFError, OSError) as e:
-            log.warning("shard %s is damaged after %d samples (%s); later samples are not used", url, n, e)
+    try:
+        with _open_tar(url) as tar:
+            try:
+                for index, *_ in iter_members(tar):
+                    n = index + 1
+            except (tarfile.TarError, EOFError, OSError) as e:
+                log.warning("shard %s is damaged after %d samples (%s); later samples are not used", url, n, e)
+    except tarfile.ReadError as e:  # from the open: not one readable header (a zero-byte file, not a tar)
+        raise DataError(f"shard {url} is not a tar file ({e}): an interrupted copy or another kind of "
+                        "file; write it again or leave it out of data.urls") from None
     return n
 
 
