@@ -30,6 +30,31 @@ def test_save_list_prune(tmp_path):
     assert load_checkpoint(m.latest())["step"] == 33
 
 
+def test_a_kill_while_pruning_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    """Pruning renames a checkpoint out of the step_* namespace before deleting it: a process
+    killed mid-delete leaves hidden debris (swept by the next save), never a step folder that holds
+    its COMPLETE marker but not its files."""
+    m = CheckpointManager(tmp_path / "ck", keep_last=1)
+    m.save(1, _state(1), "cfg: 1\n")
+    real_rmtree = ckpt.shutil.rmtree
+
+    def killed_midway(path, ignore_errors=False):
+        os.remove(os.path.join(path, ckpt.STATE_FILE))  # one file gone, then the process "dies"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        m.save(2, _state(2), "cfg: 1\n")
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
+    steps = sorted(p.name for p in m.folder.iterdir() if p.name.startswith("step_"))
+    assert steps == ["step_00000002"] and [s for s, _ in m.complete()] == [2]
+    debris = [p for p in m.folder.iterdir() if p.name.startswith(".old-step_00000001")]
+    assert len(debris) == 1 and (debris[0] / ckpt.MARKER).exists()  # half deleted, but hidden
+    assert load_checkpoint(tmp_path / "ck")["step"] == 2
+    m.save(3, _state(3))  # the next save sweeps the debris; keep_last still bounds the folders
+    assert sorted(p.name for p in m.folder.iterdir()) == ["step_00000003"]
+
+
 def test_crash_mid_write_keeps_previous(tmp_path, monkeypatch):
     m = CheckpointManager(tmp_path / "ck")
     m.save(10, _state(10))

@@ -151,11 +151,17 @@ class CheckpointManager:
                 shutil.rmtree(p, ignore_errors=True)
 
     def _prune(self) -> None:
+        """Drop all but the newest ``keep_last``: each is first renamed to a hidden ``.old-`` name
+        (atomic), then deleted, so a kill mid-delete leaves debris that no listing takes for a
+        checkpoint and the next save sweeps, never a step folder with a marker but missing files."""
         if self.keep_last is None:
             return
         done = self.complete()
         for _, path in done[: max(0, len(done) - self.keep_last)]:
-            shutil.rmtree(path, ignore_errors=True)
+            trash = path.parent / f".old-{path.name}-{os.getpid()}"
+            path.rename(trash)
+            _fsync_dir(path.parent)
+            shutil.rmtree(trash, ignore_errors=True)
 
 
 def checkpoint_format(state: dict) -> str:
