@@ -114,8 +114,8 @@ class _DcpMetadataUnpickler(pickle.Unpickler):
 
 def vet_dcp(folder: str | os.PathLike) -> None:
     """Check a ``torch.distributed.checkpoint`` folder before torch reads it: torch unpickles its
-    ``.metadata`` with plain ``pickle`` and the non-tensor items (step, lr, ...) with
-    ``torch.load(weights_only=False)``, either of which could run a file's code. The metadata is
+    ``.metadata`` with plain ``pickle`` and the non-tensor items (step, lr, ...) with a full
+    unpickling ``torch.load``, either of which could run a file's code. The metadata is
     read here with an unpickler that knows only DCP's records, then every non-tensor item with the
     safe loader; anything else is a ``CheckpointError``."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata

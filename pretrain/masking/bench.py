@@ -14,16 +14,14 @@ parameters, plus on CUDA the peak extra allocation of the scoring pass.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from mimscale.config import load_config
 from mimscale.errors import UserError
-from mimscale.pretrain.engine.bench_step import _device_name, _sync
+from mimscale.pretrain.engine.bench_step import _device_name, _sync, write_rows
 
 # (label, overrides) of the rows; every strategy, and the variants whose cost differs. The first row
 # is MAE, the reference of every ratio.
@@ -163,7 +161,5 @@ def run(args: argparse.Namespace) -> int:
             extra += f", scoring peak {r['scoring_peak_mib']:.1f} MiB"
         print(f"| {r['row']} | {r['mask_ratio']:.3f} | {r['flop_ratio']:.3f} | {r['time_ratio']:.3f} | "
               f"{r['time_ratio_min']:.3f}–{r['time_ratio_max']:.3f} | {r['overhead']:.3f} | {extra} |")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    write_rows(args.json, results)
     return 0
