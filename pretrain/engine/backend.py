@@ -76,6 +76,30 @@ def resolve_device(name: str, env: DistEnv) -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_compile(compile: bool | str, device: torch.device) -> bool:
+    """``engine.compile``: ``auto`` compiles on CUDA, where it was measured to pay (docs/performance.md),
+    and not on a CPU, where compiling costs minutes and gains little."""
+    return device.type == "cuda" if compile == "auto" else bool(compile)
+
+
+_ATTENTION_KERNELS = {"flash": "flash", "cudnn": "cudnn", "efficient": "mem_efficient", "math": "math"}
+
+
+def use_attention_kernel(name: str, device: torch.device) -> None:
+    """``engine.attention``: leave torch's choice of SDPA kernel (``auto``) or allow only the named
+    one, process-wide (torch's ``enable_*_sdp`` switches; a shape the kernel cannot run then fails
+    loudly instead of falling back)."""
+    if name == "auto":
+        return
+    if name not in _ATTENTION_KERNELS:
+        raise ConfigError(f"engine.attention={name!r} is not valid; valid: auto, {', '.join(_ATTENTION_KERNELS)}")
+    if device.type != "cuda" and name != "math":
+        raise ConfigError(f"engine.attention={name} is a CUDA kernel; on engine.device={device.type} "
+                          "use auto or math")
+    for kernel, switch in _ATTENTION_KERNELS.items():
+        getattr(torch.backends.cuda, f"enable_{switch}_sdp")(kernel == name)
+
+
 class Backend:
     """What every backend shares: device, autocast, lr, collectives, the skip rule, memory."""
 
@@ -274,8 +298,9 @@ def build_backend(cfg_engine, env: DistEnv, cfg_optim=None, micro_batch: int | N
     """The backend ``engine.backend`` names. ``cfg_optim`` / ``micro_batch`` (clip, accumulation,
     batch per rank) are needed by DeepSpeed, which owns those inside its engine."""
     device = resolve_device(cfg_engine.device, env)
+    use_attention_kernel(getattr(cfg_engine, "attention", "auto"), device)
     options = dict(activation_checkpointing=getattr(cfg_engine, "activation_checkpointing", False),
-                   compile=getattr(cfg_engine, "compile", False))
+                   compile=resolve_compile(getattr(cfg_engine, "compile", False), device))
     if cfg_engine.backend == "ddp":
         return DDPBackend(device, env, cfg_engine.precision, **options)
     if cfg_engine.backend == "fsdp":
