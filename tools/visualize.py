@@ -39,15 +39,14 @@ def register(sub) -> None:
 def _load_images(folder: str | None, num: int, size: int, patch: int, seed: int) -> torch.Tensor:
     if folder is None:
         return synthetic_with_foreground(num, size, patch, seed)[0]
-    from PIL import Image
-
+    from mimscale.data_pipeline.pixels import load_rgb
     from mimscale.data_pipeline.transforms import eval_transform
 
     paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
     if not paths:
         raise FileNotFoundError(f"no images under {folder}")
     tf = eval_transform(size)
-    return torch.stack([tf(Image.open(p).convert("RGB")) for p in paths[:num]])
+    return torch.stack([tf(load_rgb(p)) for p in paths[:num]])
 
 
 def strategy_methods(base_cfg, names: list[str], checkpoint: str | None):
