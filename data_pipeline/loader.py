@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mimscale.errors import UserError
 
+from .gpu_decode import Deferred, collate_encoded, decode_batch, defer_views, device_ready
 from .plan import EpochPlan, mix_seed
 from .sources.imagefolder import ImageFolderSource
 from .views import ViewSpec, decode_views, mae_views, normalize_uint8, normalize_uint8_on
@@ -89,6 +90,7 @@ class _Stream(IterableDataset):
         self.source, self.plan, self.views = loader.source, loader.plan, loader.views
         self.rank, self.workers, self.seed = loader.rank, loader.logical_workers, loader.seed
         self.fast, self.k0 = loader.fast_decode, k0
+        self.defer = loader.decode == "gpu"  # JPEGs: plan the views, the main process decodes
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -115,7 +117,8 @@ class _Stream(IterableDataset):
             return None, f"{rec.describe()}: {rec.error}"
         rng = random.Random(mix_seed(_AUG, self.seed, epoch, int(position)))
         try:
-            return decode_views(rec.data, self.views, rng, rec.shape, self.fast), None
+            deferred = defer_views(rec.data, self.views, rng, rec.shape) if self.defer else None
+            return deferred or decode_views(rec.data, self.views, rng, rec.shape, self.fast), None
         except Exception as e:  # noqa: BLE001 - any decode failure is a bad sample
             return None, f"{rec.describe()}: undecodable: {e!r}"
 
@@ -142,12 +145,7 @@ class _Stream(IterableDataset):
 def _uint8_batch(images: list[torch.Tensor]) -> torch.Tensor:
     """The images stacked into a ``[B, 3, H, W]`` uint8 tensor; in a loader worker, allocated in
     shared memory, so handing it to the main process copies nothing (as torch's default collate)."""
-    shape = (len(images), *images[0].shape)
-    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
-    if get_worker_info() is None or new_shared is None:
-        out = torch.empty(shape, dtype=torch.uint8)
-    else:
-        out = torch.empty(0, dtype=torch.uint8).set_(new_shared(math.prod(shape)), 0, shape)
+    out = _shared_uint8((len(images), *images[0].shape))
     for dst, src in zip(out, images):
         dst.copy_(src)
     return out
@@ -182,9 +180,20 @@ def _normalize_views(batch: dict, device: torch.device) -> dict:
     return batch
 
 
+def _shared_uint8(shape) -> torch.Tensor:
+    """An empty uint8 tensor; in a loader worker, in shared memory (handing it over copies nothing)."""
+    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
+    if get_worker_info() is None or new_shared is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    return torch.empty(0, dtype=torch.uint8).set_(new_shared(math.prod(shape)), 0, shape)
+
+
 def _collate(items, num_views: int, bad: list[str]) -> dict:
+    samples = [v for _, v in items]
+    pixels = (collate_encoded(samples, num_views, _shared_uint8) if any(isinstance(v, Deferred) for v in samples)
+              else {"views": [_uint8_batch([v.images[j] for v in samples]) for j in range(num_views)]})
     out = {
-        "views": [_uint8_batch([v.images[j] for _, v in items]) for j in range(num_views)],
+        **pixels,
         "boxes": torch.tensor([v.boxes for _, v in items], dtype=torch.float32),
         "flips": torch.tensor([v.flips for _, v in items], dtype=torch.bool),
         "sizes": torch.tensor([v.original_size for _, v in items], dtype=torch.long),
@@ -221,9 +230,12 @@ class PretrainLoader:
     def __init__(self, source, views: Sequence[ViewSpec], batch_size: int, seed: int = 0,
                  num_workers: int = 0, rank: int = 0, world_size: int = 1,
                  remainder: str = "drop", max_bad_fraction: float = 0.01, fast_decode: bool = True,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", decode: str = "cpu"):
         if not 0 <= max_bad_fraction <= 1:
             raise ValueError(f"max_bad_fraction {max_bad_fraction} must be in [0, 1]")
+        if decode not in ("cpu", "gpu") or (decode == "gpu" and not device_ready(views)):
+            raise ValueError(f"decode {decode!r}: 'cpu', or 'gpu' for views of random crops and flips only")
+        self.decode = decode  # gpu: JPEGs are decoded in this process, on ``device`` (gpu_decode.py)
         self.source, self.views, self.seed = source, tuple(views), seed
         self.plan = EpochPlan(source.shard_sizes, batch_size, seed, world_size, remainder)
         self.plan.rank_slice(rank)  # validates rank
@@ -280,11 +292,23 @@ class PretrainLoader:
                     raise RuntimeError(f"data order broken: got batch {batch['batch']} of epoch "
                                        f"{batch['epoch']}, expected {self.batch_in_epoch} of {self.epoch}")
                 self._account(batch.pop("bad"))
+                batch = self._to_device(batch)  # may find more bad samples: they count in this epoch
                 self.batch_in_epoch += 1
                 if self.batch_in_epoch == self.steps_per_epoch:
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                     self.stats["bad_in_epoch"] = 0
-                yield _normalize_views(batch, self.device)
+                yield batch
+
+    def _to_device(self, batch: dict) -> dict:
+        """The worker's batch with its views decoded (``decode=gpu``) or normalised on the device."""
+        if "jpeg" not in batch:
+            return _normalize_views(batch, self.device)
+        views, bad = decode_batch(batch, self.views, self.device)
+        self._account(bad)
+        batch["images"] = views[0]
+        if len(views) > 1:
+            batch["views"] = views
+        return batch
 
     def _account(self, bad: list[str]) -> None:
         if not bad:

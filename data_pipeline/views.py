@@ -124,13 +124,7 @@ def decode_views(data: bytes, specs, rng: random.Random, shape: tuple[int, int] 
     """
     image = _Encoded(data, shape)
     width, height = image.size
-    plans = []
-    for spec in specs:
-        if spec.crop == "center":
-            box = center_crop(width, height, spec.size, spec.crop_pct)
-        else:
-            box = sample_crop(width, height, spec.scale, spec.ratio, rng)
-        plans.append((spec, box, rng.random() < spec.flip_p))
+    plans = plan_views(width, height, specs, rng)
     scale = 1
     if fast and image.is_jpeg:
         # The smallest decode in which every crop still spans at least ``size`` pixels.
@@ -160,6 +154,33 @@ def decode_views(data: bytes, specs, rng: random.Random, shape: tuple[int, int] 
         out.boxes.append(tuple(float(v) for v in used))
         out.flips.append(flip)
     return out
+
+
+def plan_views(width: int, height: int, specs, rng: random.Random) -> list:
+    """Each view's ``(spec, (x0, y0, w, h), flip)`` in pixels of the original: the crop and flip
+    draws, in their order, shared by the worker's decode and the device decode (``gpu_decode``)."""
+    plans = []
+    for spec in specs:
+        if spec.crop == "center":
+            box = center_crop(width, height, spec.size, spec.crop_pct)
+        else:
+            box = sample_crop(width, height, spec.scale, spec.ratio, rng)
+        plans.append((spec, box, rng.random() < spec.flip_p))
+    return plans
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` of a YCbCr or greyscale JPEG from its header; None for anything else
+    (another format, CMYK, an unreadable header). Reads no pixels."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    if simplejpeg is not None:
+        return _simplejpeg_header(data)
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Exception:  # noqa: BLE001 - any unreadable header: not for the device
+        return None
+    return im.size if im.format == "JPEG" and im.mode in ("RGB", "L") else None
 
 
 def dct_scale(width: int, height: int, need_w: int, need_h: int) -> int:

@@ -85,6 +85,9 @@ class DataConfig:
     views: str = _opt("mae", "augmented views per image: MAE's one, or MoCo v3's two",
                       choices=("mae", "mocov3"))
     fast_decode: bool = _opt(True, "decode JPEGs at the smallest DCT scale the crop allows")
+    decode: str = _opt("auto", "where JPEGs are decoded: cpu (loader workers), gpu (the main process, on the "
+                       "training device: nvJPEG on CUDA, the same code on a CPU run), auto (gpu when training "
+                       "on CUDA with data.views=mae)", choices=("cpu", "gpu", "auto"))
     crop_scale: tuple[float, float] = _opt((0.2, 1.0), "RandomResizedCrop area range [MAE]")
     hflip: bool = _opt(True, "random horizontal flip [MAE]")
     synthetic_images: int = _opt(2048, "images generated when source=synthetic", gt=0)
@@ -443,6 +446,9 @@ def _validate_data(d: DataConfig) -> None:
     lo, hi = d.crop_scale
     if not 0 < lo <= hi <= 1:
         raise ConfigError(f"data.crop_scale: {list(d.crop_scale)} must satisfy 0 < min <= max <= 1")
+    if d.decode == "gpu" and d.views != "mae":
+        raise ConfigError(f"data.decode=gpu: the device makes random crops and flips only; data.views={d.views} has "
+                          "colour operations: use data.decode=cpu (or auto)")
     urls = [d.urls] if isinstance(d.urls, str) else list(d.urls or [])
     if urls and d.source not in ("wds", "ffcv"):
         raise ConfigError(f"data.urls: only read when data.source is wds or ffcv (it is {d.source}); "

@@ -60,7 +60,11 @@ bench vitl_memory "$LIMIT" "${MODEL_L[@]}" --batch "$BATCH_L" --profile "$OUT/vi
 run write_shards 60 "$PYTHON" -m mimscale shards write --synthetic "$IMAGES" --synthetic-size "$SIDE" \
   --quality 90 --workers "$WORKERS" --no-progress "$WORK/shards"
 bench vitb_real "$LIMIT" "${MODEL_B[@]}" data.source=wds "data.urls=$WORK/shards/index.json" \
-  "data.num_workers=$WORKERS" --data real --batch "$BATCH_REAL" --profile "$OUT/vitb_real.profile.txt"
+  "data.num_workers=$WORKERS" data.decode=cpu --data real --batch "$BATCH_REAL" --profile "$OUT/vitb_real.profile.txt"
+# the same JPEG shards decoded by nvJPEG in the training process (data.decode=gpu)
+bench vitb_real_gpu_decode "$LIMIT" "${MODEL_B[@]}" data.source=wds "data.urls=$WORK/shards/index.json" \
+  "data.num_workers=$WORKERS" data.decode=gpu --data real --batch "$BATCH_REAL" \
+  --profile "$OUT/vitb_real_gpu_decode.profile.txt"
 # every masking strategy's cost against MAE: FLOP ratio, time ratio, overhead (ViT-L, as the papers)
 run masking "$((LIMIT + 90))" "$PYTHON" -m mimscale bench masking "${MASK_ARGS[@]}" --json "$OUT/masking.json"
 # last, as its compile time is the least known: torch.compile of every block

@@ -132,7 +132,8 @@ def measure(cfg, warmup: int, steps: int, data: str, profile: Path | None = None
     rates = trainer.throughput.of(images_per_s)
     return {"recipe": cfg.recipe, "model": cfg.model.name, "img_size": cfg.model.img_size,
             "batch": cfg.data.batch_size, "accum_steps": cfg.optim.accum_steps, "precision": cfg.engine.precision,
-            "compile": trainer.backend.compile, "attention": cfg.engine.attention, "device": _device_name(device), "data": data, "steps": steps,
+            "compile": trainer.backend.compile, "attention": cfg.engine.attention, "device": _device_name(device),
+            "data": data, "decode": getattr(trainer.data, "decode", "cpu"), "steps": steps,
             "step_ms": 1000 * elapsed / steps, "images_per_s": images_per_s, **rates,
             "peak_tflops": trainer.throughput.peak, "gflops_per_image": trainer.throughput.flops.per_image / 1e9,
             "data_wait_share": min(1.0, wait.seconds / elapsed), "peak_mem_gb": peak_gb, "peak_mem_kind": peak_kind,
