@@ -240,6 +240,11 @@ class EngineConfig:
                                           "less activation memory for ~30% more compute")
     compile: bool = _opt(False, "torch.compile each transformer block (worth it on GPUs; slow to "
                          "start on CPUs)")
+    varlen: str = _opt("auto", "how the encoder runs images of unequal visible counts (AMR, multi-shot): "
+                       "packed without padding with per-image attention, nested (SDPA on nested jagged "
+                       "tensors) or flex (FlexAttention; no backward on CPUs); auto = nested, or padded "
+                       "under engine.compile; padded = each batch padded to its largest count",
+                       choices=("auto", "nested", "flex", "padded"))
     cpu_offload: bool = _opt(False, "keep sharded params/grads (fsdp) or optimizer state (deepspeed) "
                              "in CPU memory")
     deepspeed_config: str | None = _opt(None, "JSON file merged over the generated DeepSpeed config")

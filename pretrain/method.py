@@ -51,7 +51,12 @@ def build_model(cfg) -> nn.Module:
                      norm_pix_loss=cfg.objectives.norm_pix_loss)
     if m.patch_size is not None:
         overrides["patch_size"] = m.patch_size
-    return build_mae(m.name, **overrides)
+    model = build_mae(m.name, **overrides)
+    varlen = cfg.engine.varlen
+    if varlen == "auto":  # per-block compile would recompile at every packed length
+        varlen = "padded" if cfg.engine.compile else "nested"
+    model.varlen = varlen
+    return model
 
 
 def _teacher_depth(cfg, depth: int) -> int:
