@@ -247,6 +247,11 @@ class EngineConfig:
     attention: str = _opt("auto", "scaled-dot-product attention kernel: auto = torch's choice, or "
                           "only the named one (CUDA: flash, cudnn, efficient; math anywhere)",
                           choices=("auto", "flash", "cudnn", "efficient", "math"))
+    varlen: str = _opt("auto", "how the encoder runs images of unequal visible counts (AMR, multi-shot): "
+                       "packed without padding with per-image attention, nested (SDPA on nested jagged "
+                       "tensors) or flex (FlexAttention; no backward on CPUs); auto = nested, or padded "
+                       "under engine.compile; padded = each batch padded to its largest count",
+                       choices=("auto", "nested", "flex", "padded"))
     cpu_offload: bool = _opt(False, "keep sharded params/grads (fsdp) or optimizer state (deepspeed) "
                              "in CPU memory")
     deepspeed_config: str | None = _opt(None, "JSON file merged over the generated DeepSpeed config")

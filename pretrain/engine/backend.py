@@ -76,6 +76,11 @@ def resolve_device(name: str, env: DistEnv) -> torch.device:
     return torch.device("cpu")
 
 
+def device_of(name: str) -> torch.device:
+    """The device type ``engine.device`` names, without selecting a GPU (``resolve_device`` does)."""
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
 def resolve_compile(compile: bool | str, device: torch.device) -> bool:
     """``engine.compile``: ``auto`` compiles on CUDA, where it was measured to pay (docs/performance.md),
     and not on a CPU, where compiling costs minutes and gains little."""
