@@ -12,6 +12,7 @@ from distributed_utils import one_thread  # noqa: F401  (autouse fixture)
 from mimscale.config import ConfigError
 from mimscale.pretrain.engine.backend import DDPBackend, DistEnv
 from mimscale.pretrain.engine.blocks import compile_blocks, transformer_blocks
+from mimscale.pretrain.engine.memory import read_reports
 from mimscale.pretrain.engine.rng import seed_everything, step_generator
 from mimscale.pretrain.engine.trainer import Trainer
 from mimscale.pretrain.engine.zero import DeepSpeedBackend
@@ -68,7 +69,7 @@ def test_memory_report_counts_what_one_process_holds(tiny_config, tmp_path):
     # AdamW: two fp32 moments per trainable parameter, plus one 4-byte step counter per tensor
     assert report.optimizer == 2 * nbytes(trainable) + 4 * len(trainable)
     assert report.peak_rss > report.states and report.peak_cuda is None
-    saved = json.loads((tmp_path / "run" / "memory.json").read_text())
+    (saved,) = read_reports(tmp_path / "run" / "memory.json")
     assert saved["backend"] == "ddp" and saved["step"] == 2 and saved["ranks"][0]["states"] == report.states
 
 
