@@ -29,7 +29,8 @@ def _cmd_pretrain(args) -> int:
         return _cmd_config_show(args)
     cfg = load_config(args.overrides)
     summary = Trainer(cfg).fit()
-    print(f"done: {summary.steps} steps in {summary.wall_time:.1f}s; checkpoint {summary.checkpoint}")
+    if summary.is_main:  # under torchrun, one line for the run, not one per rank
+        print(summary.describe())
     return 0
 
 

@@ -17,6 +17,7 @@ from mimscale.pretrain.engine.backend import (
     use_attention_kernel,
 )
 from mimscale.pretrain.engine.blocks import compile_blocks, transformer_blocks
+from mimscale.pretrain.engine.memory import read_reports
 from mimscale.pretrain.engine.rng import seed_everything, step_generator
 from mimscale.pretrain.engine.trainer import Trainer
 from mimscale.pretrain.engine.zero import DeepSpeedBackend
@@ -73,7 +74,7 @@ def test_memory_report_counts_what_one_process_holds(tiny_config, tmp_path):
     # AdamW: two fp32 moments per trainable parameter, plus one 4-byte step counter per tensor
     assert report.optimizer == 2 * nbytes(trainable) + 4 * len(trainable)
     assert report.peak_rss > report.states and report.peak_cuda is None
-    saved = json.loads((tmp_path / "run" / "memory.json").read_text())
+    (saved,) = read_reports(tmp_path / "run" / "memory.json")
     assert saved["backend"] == "ddp" and saved["step"] == 2 and saved["ranks"][0]["states"] == report.states
 
 

@@ -238,17 +238,29 @@ class Backend:
         if self.env.world_size > 1:
             dist.barrier()
 
+    def _control_group(self):
+        """A CPU (gloo) group over every rank: the default one under gloo, else one made once."""
+        if self._control is None:
+            self._control = (dist.group.WORLD if dist.get_backend() == "gloo"
+                             else dist.new_group(backend="gloo"))
+        return self._control
+
     def any_rank(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is true on any; a CPU collective (gloo), so asking it
         every step costs no device sync."""
         if self.env.world_size == 1:
             return flag
-        if self._control is None:
-            self._control = (dist.group.WORLD if dist.get_backend() == "gloo"
-                             else dist.new_group(backend="gloo"))
         t = torch.tensor([int(flag)])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control_group())
         return bool(t.item())
+
+    def all_gather_host(self, obj) -> list:
+        """Every rank's ``obj`` (host values: counts, records), over the CPU group: no device sync."""
+        if self.env.world_size == 1:
+            return [obj]
+        out = [None] * self.env.world_size
+        dist.all_gather_object(out, obj, group=self._control_group())
+        return out
 
 
 class DDPBackend(Backend):
