@@ -120,6 +120,21 @@ def test_packed_shots_equal_the_padded_path(guide):
     torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("counts", [[1, 1, 1], [0, 0, 0]])
+def test_a_shot_that_keeps_no_patch_and_a_mask_that_shows_none(counts):
+    """Edge cases of the packed layout: a shot keeps floor(1 · 0.9) = 0 patches of each image, and a
+    mask that hides every patch leaves the CLS token alone from the start."""
+    model = tiny(depth=4)
+    plan = ShotPlan([argparse.Namespace(layer=2, ratio=0.1, guide="random")], depth=4)
+    images, mask = torch.randn(3, 3, 32, 32), ragged_mask(counts, seed=2)
+    model.varlen = "padded"
+    ref = model(images, mask, plan, torch.Generator().manual_seed(0))
+    model.varlen = "nested"
+    out = model(images, mask, plan, torch.Generator().manual_seed(0))
+    assert out.mask.all() and torch.equal(out.mask, ref.mask)
+    torch.testing.assert_close(out.pred, ref.pred, rtol=0, atol=1e-5)
+
+
 def test_packed_uniform_counts_with_a_shot_reads_nothing_from_the_mask():
     """Equal counts (a fixed ratio, ``visible`` known) through a shot: same result as padded."""
     model = tiny(depth=4)
@@ -151,7 +166,8 @@ def test_drop_path_is_per_image_on_packed_rows():
 
 
 def test_config_varlen_choices_and_auto():
-    assert build_model(load_config(["model.name=mae_vit_tiny_patch16", "model.img_size=32", "data.source=synthetic"])).varlen == "nested"
+    tiny_cpu = ["model.name=mae_vit_tiny_patch16", "model.img_size=32", "data.source=synthetic", "engine.device=cpu"]
+    assert build_model(load_config(tiny_cpu)).varlen == "nested"  # compile=auto: not compiled on a CPU
     compiled = load_config(["model.name=mae_vit_tiny_patch16", "model.img_size=32", "data.source=synthetic",
                          "engine.compile=true"])
     assert build_model(compiled).varlen == "padded"
