@@ -13,10 +13,12 @@ keys; a teacher, when the run had one, is written next to it.
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from mimscale.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 SOURCES = {"auto": None, "full": "full", "ddp": "full", "fsdp": "dcp", "deepspeed": "deepspeed"}
 
@@ -50,6 +52,8 @@ def to_plain_checkpoint(state: dict, out: Path) -> list[Path]:
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, fmt: str) -> Path:
+    import torch
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     if fmt == "safetensors":
