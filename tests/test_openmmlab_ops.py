@@ -95,3 +95,33 @@ def test_kernels_torchvision_lacks_say_so_by_name(ops):
     # pure-Python mmcv ops (here mmseg's and mmdet's point_sample) work unchanged
     grid = torch.tensor([[[0.5, 0.5]]])
     assert ops.point_sample(torch.arange(16.0).view(1, 1, 4, 4), grid).shape == (1, 1, 1)
+
+
+BUILD_FROM_CONFIGS = """
+import sys
+from mmengine.config import Config
+from mmengine.registry import init_default_scope
+from mimscale.downstream.openmmlab import config_path  # only to find the files; custom_imports loads it
+for name, scope in (("upernet_vit-b_160k_ade20k.py", "mmseg"), ("mask_rcnn_vit-b_1x_coco.py", "mmdet")):
+    cfg = Config.fromfile(str(config_path(name)))
+    cfg.model.backbone.update(arch="mae_vit_tiny_patch16", init_cfg=None)
+    init_default_scope(scope)
+    registry = __import__(scope + ".registry", fromlist=["MODELS"])
+    model = registry.MODELS.build(cfg.model)
+    print(name, type(model).__name__)
+import mmcv.ops
+print("RoIAlign", mmcv.ops.RoIAlign.__module__)
+"""
+
+
+def test_a_users_config_load_alone_makes_both_configs_build(ops):
+    """As mmdet's / mmseg's train scripts do it, in a fresh interpreter: the config's
+    ``custom_imports`` loads the plugin, which installs the kernels before the models import
+    ``mmcv.ops``."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", BUILD_FROM_CONFIGS], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "upernet_vit-b_160k_ade20k.py EncoderDecoder" in proc.stdout
+    assert "mask_rcnn_vit-b_1x_coco.py MaskRCNN" in proc.stdout and "RoIAlign mmcv.ops.roi_align" in proc.stdout
