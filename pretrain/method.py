@@ -191,7 +191,8 @@ class MIMMethod(nn.Module):
         if self.cc.weight > 0:
             h_v = self.cc_projector(out.latent[:, 0])
             with torch.no_grad():  # the masked set through the encoder, without gradient
-                h_m = self.cc_projector(self.student.encode(images, ~masked.mask).latent[:, 0])
+                shown = None if masked.visible is None else self.student.num_patches - masked.visible
+                h_m = self.cc_projector(self.student.encode(images, ~masked.mask, visible=shown).latent[:, 0])
             if self.cc.variant == "nce":
                 term = ccmim_nce(h_v, h_m, self.cc.tau)
             elif self.cc.variant == "code":
