@@ -63,6 +63,30 @@ def test_packed_equals_each_image_alone(kernel):
         assert not out.latent[b, 1 + COUNTS[b]:].any()
 
 
+# FlexAttention has no backward on a CPU; the CUDA cases are collected where CUDA exists
+TRAINING_KERNELS = [("cpu", "nested")] + ([("cuda", "nested"), ("cuda", "flex")] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device,kernel", TRAINING_KERNELS)
+def test_packed_forward_and_backward_equal_each_image_alone(device, kernel, monkeypatch):
+    """Forward and backward in fp32 (on a GPU with TF32 off, torch's default for matmuls, so only
+    summation order differs)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model = tiny().to(device)
+    images, mask = torch.randn(4, 3, 32, 32, device=device), ragged_mask(COUNTS).to(device)
+    model.varlen = kernel
+    out = model(images, mask)
+    out.loss_per_image.sum().backward()
+    packed = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    refs = alone(model, images, mask)
+    sum(r.loss_per_image.sum() for r in refs).backward()
+    torch.testing.assert_close(out.pred, torch.cat([r.pred for r in refs]), rtol=0, atol=1e-4)
+    for k, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(packed[k], p.grad, rtol=1e-3, atol=1e-4, msg=k)
+
+
 def test_packed_gradients_equal_the_sum_over_images():
     model = tiny()
     images, mask = torch.randn(4, 3, 32, 32), ragged_mask(COUNTS, seed=1)
