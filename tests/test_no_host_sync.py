@@ -77,12 +77,12 @@ def test_no_host_read_between_two_log_lines(tiny_config, monkeypatch, backend, d
     for name in READS:
         reads.wrap(monkeypatch, name)
     real_step = Trainer.train_step
-    cuda = device == "cuda"
+    cuda = device == "cuda"  # its first step compiles the blocks (engine.compile=auto), which syncs once
 
     def train_step(self, batches, wait):  # the loop iteration this step begins, up to the next one
         after = self.step + 1
         reads.active = not (after % cfg.logging.log_every == 0 or after % cfg.output.checkpoint_every == 0
-                            or after == self.total_steps)
+                            or after == self.total_steps or (cuda and after == 1))
         if cuda:
             torch.cuda.set_sync_debug_mode("error" if reads.active else 0)
         return real_step(self, batches, wait)
@@ -94,7 +94,7 @@ def test_no_host_read_between_two_log_lines(tiny_config, monkeypatch, backend, d
         if cuda:
             torch.cuda.set_sync_debug_mode(0)
     assert summary.steps == 10 and [s for s, _ in summary.losses] == [4, 8, 10]
-    assert reads.between == []          # steps 1-3, 5-7, 9: nothing read on the host
+    assert reads.between == []          # steps 1-3 (CUDA: 2-3), 5-7, 9: nothing read on the host
     assert len(reads.boundary) > 0      # the counter does see the reads of a log line
 
 

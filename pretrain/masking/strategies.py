@@ -137,7 +137,7 @@ class IDMStrategy(Strategy):
         p = self.p.float()
         if self.scope == "step":
             head = torch.multinomial(p, 1, generator=ctx.shared_generator)
-            return to_device(head.expand(ctx.batch), ctx.images.device)
+            return to_device(head, ctx.images.device).expand(ctx.batch)
         return to_device(torch.multinomial(p, ctx.batch, replacement=True, generator=ctx.generator), ctx.images.device)
 
     def scores(self, ctx):
