@@ -168,3 +168,16 @@ def test_packed_flops_are_the_mean_over_images():
     assert mixed.per_step != step_flops(cfg, 50).per_step  # attention is quadratic in the count
     with pytest.raises(ValueError):
         packed_step_flops(cfg, [])
+
+
+def test_a_shot_that_leaves_no_patch_token():
+    """One visible token halved: every image keeps only its CLS after the shot."""
+    model = tiny(depth=4)
+    plan = ShotPlan([argparse.Namespace(layer=2, ratio=0.5, guide="random")], depth=4)
+    images, mask = torch.randn(2, 3, 32, 32), ragged_mask([1, 1], seed=6)
+    model.varlen = "padded"
+    ref = model(images, mask, plan, torch.Generator().manual_seed(0))
+    model.varlen = "nested"
+    out = model(images, mask, plan, torch.Generator().manual_seed(0))
+    assert out.mask.all() and out.latent.shape == (2, 1, 48)
+    torch.testing.assert_close(out.pred, ref.pred, rtol=0, atol=1e-5)

@@ -93,5 +93,5 @@ class ShotPlan:
         sel = order[:, :width]
         new_pad = torch.arange(width, device=ids.device)[None, :] >= keep[:, None]
         new = Segments.of([n + 1 for n in lengths], keep + 1, seg.kernel)
-        slots = torch.cat([torch.zeros_like(sel[:, :1]), 1 + sel], dim=1) + seg.offsets[:-1, None]
+        slots = torch.cat([sel.new_zeros(sel.shape[0], 1), 1 + sel], dim=1) + seg.offsets[:-1, None]
         return x[new.rows(slots)], new, ids.gather(1, sel), new_pad, hidden

@@ -206,7 +206,7 @@ class MaskedAutoencoderViT(nn.Module):
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(B, -1, -1)
         x = torch.cat([cls.to(x.dtype), x], dim=1).flatten(0, 1)  # [B·(1+N), D]
-        slots = torch.cat([torch.zeros_like(ids[:, :1]), 1 + ids], dim=1)
+        slots = torch.cat([ids.new_zeros(B, 1), 1 + ids], dim=1)
         x = x[seg.rows(slots + (1 + n) * torch.arange(B, device=ids.device)[:, None])]
         shot_masks = [mask]
         for j, blk in enumerate(self.blocks):
