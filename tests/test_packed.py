@@ -208,3 +208,4 @@ def test_packed_flops_are_the_mean_over_images():
     assert mixed.per_step != step_flops(cfg, 50).per_step  # attention is quadratic in the count
     with pytest.raises(ValueError):
         packed_step_flops(cfg, [])
+

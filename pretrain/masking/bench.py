@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     base = [f"model.name={args.model}", f"model.img_size={args.img_size}", "data.source=synthetic",
             f"data.batch_size={args.batch}", "optim.accum_steps=1"]
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
-    rows, mean_visible = [], {}
+    rows, visible = [], {}
     for label, overrides in select(args.rows):
         cfg = load_config(base + overrides)
         torch.manual_seed(0)
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         flops = step_flops(cfg)
         if cfg.masking.strategy == "sbam_amr":  # per-image ratios: count this batch's own visible sets
             counts = (~method.make_mask(images, torch.Generator().manual_seed(0)).mask).sum(dim=1).tolist()
-            flops, mean_visible[label] = packed_step_flops(cfg, counts), sum(counts) / len(counts)
+            flops, visible[label] = packed_step_flops(cfg, counts), counts
         rows.append((label, method, opt, flops.per_step))
     dtype = torch.bfloat16 if args.precision == "bf16" else None
 
@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
             "time_ratio_min": min(ratios), "time_ratio_max": max(ratios), "overhead": time_ratio / flop_ratio,
             "mask_ratio": statistics.median(m / ref for m, ref in zip(mask_t[label], step_t[mae])),
             "step_ms": 1000 * statistics.median(step_t[label]), "mask_ms": 1000 * statistics.median(mask_t[label]),
-            "gflops_per_image": flops / args.batch / 1e9, "mean_visible": mean_visible.get(label), "teacher_mib": teacher / 2**20,
+            "gflops_per_image": flops / args.batch / 1e9, "visible_counts": visible.get(label), "teacher_mib": teacher / 2**20,
             "scoring_peak_mib": scoring_peak, "model": args.model, "img_size": args.img_size, "batch": args.batch,
             "precision": args.precision, "device": _device_name(device), "rounds": args.rounds,
             "steps_per_round": steps})
