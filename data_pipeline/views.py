@@ -42,7 +42,7 @@ class ViewSpec:
     size: int
     scale: tuple[float, float] = (0.2, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    crop: str = "random"  # or "center": a centred square of ``crop_pct`` of the short side
+    crop: str = "random"  # "center": a centred square of ``crop_pct`` of the short side; "full": the whole image
     crop_pct: float = 0.875
     flip_p: float = 0.5
     jitter_p: float = 0.0  # colour jitter (brightness, contrast, saturation, hue) in random order
@@ -163,6 +163,8 @@ def plan_views(width: int, height: int, specs, rng: random.Random) -> list:
     for spec in specs:
         if spec.crop == "center":
             box = center_crop(width, height, spec.size, spec.crop_pct)
+        elif spec.crop == "full":  # the whole image squeezed to a square (the score cache's view)
+            box = (0, 0, width, height)
         else:
             box = sample_crop(width, height, spec.scale, spec.ratio, rng)
         plans.append((spec, box, rng.random() < spec.flip_p))

@@ -137,6 +137,13 @@ class SBAMConfig:
 
 
 @dataclass
+class ScoreCacheConfig:
+    """Per-sample full-image score maps refreshed every K epochs, warped into each view [X]."""
+    every_epochs: int = _opt(0, "refresh the cached score maps every K epochs (idm, gpa, ccmim); "
+                             "0 = off, score every view online [X]", ge=0)
+
+
+@dataclass
 class ShotConfig:
     """A later shot of multi-shot masking (SPEC §6): drop visible tokens inside the encoder."""
     layer: int | float = _opt(10, "block index it acts before (≥ 1), or a fraction of depth in (0, 1)")
@@ -158,6 +165,7 @@ class MaskingConfig:
     gpa: GPAConfig = field(default_factory=GPAConfig)
     ccmim: CCMIMConfig = field(default_factory=CCMIMConfig)
     sbam: SBAMConfig = field(default_factory=SBAMConfig)
+    score_cache: ScoreCacheConfig = field(default_factory=ScoreCacheConfig)
     shots: list[ShotConfig] = _opt([], "later shots inside the encoder, e.g. [{layer: 10, ratio: 0.1}]")
     loss_weights: str = _opt("union", "multi-shot loss: one mean over all hidden [P], equal or ratio-weighted shots",
                              choices=("union", "equal", "ratio"))
@@ -510,6 +518,10 @@ def _validate_masking(cfg: Config) -> None:
     if source == "teacher" and t.type == "none":
         raise ConfigError(f"masking.strategy={m.strategy} scores with a teacher but teacher.type=none; "
                           "set teacher.type=ema or teacher.type=frozen (with teacher.checkpoint)")
+    if m.score_cache.every_epochs:
+        from mimscale.pretrain.masking.score_cache import check_cacheable
+
+        check_cacheable(m.strategy, source)
     o = cfg.objectives
     if o.mam.weight > 0 and m.strategy != "gpa":
         raise ConfigError(f"objectives.mam.weight: MAM predicts the GPA score, so it needs masking.strategy=gpa "

@@ -82,7 +82,8 @@ def test_bench_masking_prints_ratios(tmp_path, capsys):
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
     rows = json.loads(out.read_text())
     assert [r["row"] for r in rows] == ["random (MAE)", "gpa (teacher b9)", "sbam_amr", "sbam_amr (packed)",
-                                        "cmae_2shot (random)", "cmae_2shot (gpa-guided)", "cmae_2shot (packed)"]
+                                        "gpa (cache K=20)", "cmae_2shot (random)", "cmae_2shot (gpa-guided)",
+                                        "cmae_2shot (packed)"]
     assert lines[0].startswith("| strategy") and len(lines) == 2 + len(rows)
     base = ["model.name=mae_vit_tiny_patch16", "model.img_size=32", "data.source=synthetic", "data.batch_size=4"]
     overrides = dict(bench.VARIANTS)
@@ -105,12 +106,17 @@ def test_bench_masking_prints_ratios(tmp_path, capsys):
                                     "overhead")]
     by = {r["row"]: r for r in rows}  # the scoring pass costs FLOPs; a shot after block 10 saves some
     assert by["gpa (teacher b9)"]["flop_ratio"] > 1 > by["cmae_2shot (random)"]["flop_ratio"]
+    # the cache pays a twentieth of the scoring pass, in FLOPs and in the stated refresh time
+    cached, online = by["gpa (cache K=20)"], by["gpa (teacher b9)"]
+    assert cached["flop_ratio"] - 1 == pytest.approx((online["flop_ratio"] - 1) / 20)
+    assert cached["refresh_ms"] > 0 and cached["cache_every_epochs"] == 20 and online["refresh_ms"] is None
+    assert "refresh" in lines[2 + 3]
 
 
 def test_bench_masking_rows_are_checked(capsys):
     assert [label for label, _ in bench.select("cmae_2shot,idm")] == [
-        "random (MAE)", "idm (online)", "idm (momentum)", "cmae_2shot (random)", "cmae_2shot (gpa-guided)",
-        "cmae_2shot (packed)"]
+        "random (MAE)", "idm (online)", "idm (momentum)", "idm (momentum, cache K=20)", "cmae_2shot (random)",
+        "cmae_2shot (gpa-guided)", "cmae_2shot (packed)"]
     assert main(["bench", "masking", "--rows", "block,nope"]) == 2
     err = capsys.readouterr().err
     assert "'nope'" in err and "cmae_2shot (gpa-guided)" in err and "'block'" not in err

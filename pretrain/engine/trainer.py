@@ -21,6 +21,7 @@ from torch import nn
 from mimscale.config import Config, to_dict, to_yaml
 from mimscale.data_pipeline.bad_samples import append_jsonl
 from mimscale.data_pipeline.build import build_pretrain_data
+from mimscale.pretrain.masking.score_cache import build_score_cache, full_view_reader
 from mimscale.pretrain.method import MIMMethod
 
 from .backend import build_backend, init_distributed
@@ -120,6 +121,9 @@ class Trainer:
                                      peak_tflops(self.backend.device, cfg.engine.precision, cfg.engine.peak_tflops))
         self.logger = RunLogger(self.run_dir, self.env.is_main, self.total_steps, self.step,
                                 cfg.logging.tensorboard, cfg.logging.progress)
+        self.score_cache = build_score_cache(cfg, self.method, self.data.plan.num_samples,
+                                             self.run_dir / "score_cache", self.env.rank, self.env.world_size,
+                                             resumed=resume_from is not None)
         self.logger.print(
             f"mimscale pretrain: recipe={cfg.recipe} model={cfg.model.name} img={cfg.model.img_size} "
             f"backend={self.backend.name}{f' zero{cfg.engine.zero_stage}' if self.backend.name == 'deepspeed' else ''} "
@@ -197,9 +201,10 @@ class Trainer:
         images = batch["images"].to(self.backend.device, non_blocking=True)
         views = batch.get("views") or []  # two-view recipes: the second view feeds the contrast
         second = views[1].to(self.backend.device, non_blocking=True) if len(views) > 1 else None
+        cached = self.score_cache.batch(batch, self.backend.device) if self.score_cache else None
         with self.backend.accumulate(sync):
             with self.backend.autocast():
-                out = self.backend.model(images, generator, second)
+                out = self.backend.model(images, generator, second, cached)
             self.backend.backward(poison_nonfinite(out.loss), 1.0 / self.cfg.optim.accum_steps)
         return images, out
 
@@ -216,6 +221,8 @@ class Trainer:
         self.backend.set_lr(cosine_lr(self.step, self.lr, self.total_steps, self.warmup_steps, cfg.optim.min_lr))
         generator = step_generator(cfg.engine.seed, self.step, self.env.rank)
         self.method.set_progress(self.step, self.total_steps, self.steps_per_epoch)
+        if self.score_cache is not None:
+            self._refresh_scores()
         step_terms: dict[str, torch.Tensor] = {}
         for micro in range(accum):
             last = micro == accum - 1
@@ -233,6 +240,31 @@ class Trainer:
         wait.step()
         self.guard.record(self.step, finite)
         return images, out, step_terms, grad_norm
+
+    def _refresh_scores(self) -> None:
+        """The score cache's pass over the data set when this step's epoch needs a new generation
+        (collective). The scorer runs in eval mode and the pass draws nothing from the global RNG,
+        so training goes on exactly as it would after a resume that reuses the cache."""
+        cfg, cache = self.cfg, self.score_cache
+        epoch = self.step * cfg.optim.accum_steps // self.data.steps_per_epoch  # the loader's epoch
+        network = self.method.score_network
+        training = network.training
+        read = full_view_reader(self.data.source, cfg.model.img_size, cfg.data.batch_size, cfg.data.num_workers,
+                                self.backend.device, cfg.data.fast_decode)
+
+        def score(images):
+            with self.backend.autocast():
+                return self.method.score_maps(images)
+
+        t0 = time.perf_counter()
+        network.eval()
+        try:
+            ran = cache.ensure(epoch, score, read, self.backend.barrier)
+        finally:
+            network.train(training)
+        if ran:
+            self.logger.print(f"score cache: scored {cache.num_samples} images for epoch {cache.epoch} in "
+                              f"{time.perf_counter() - t0:.1f} s -> {cache.folder}")
 
     def fit(self) -> RunSummary:
         with PreemptionHandler(self.cfg.engine.preempt_signals) as preemption:
