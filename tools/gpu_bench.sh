@@ -13,6 +13,7 @@
 # mimscale` works (mimscale and its dependencies installed).
 #
 #   OUT=/path/to/results bash tools/gpu_bench.sh
+#   ONLY="tests masking" bash tools/gpu_bench.sh   # some sections: tests mfu kernels decode masking
 #   MIMSCALE_BENCH_DRY=1 bash tools/gpu_bench.sh   # the same runs with a tiny model on the CPU (checks the script)
 set -uo pipefail
 
@@ -31,6 +32,7 @@ if [ -n "${MIMSCALE_BENCH_DRY:-}" ]; then
   ENGINE=(engine.precision=fp32 engine.device=cpu)
   KERNELS=(math)
   BATCH_B=8 BATCH_L=4,8 BATCH_REAL=8 WARMUP=1 STEPS=2 IMAGES=64 SIDE=96 WORKERS=2 LIMIT=300
+  DATA_ARGS=(--images 64 --image-size 96x96 --img-size 32 --batch-size 8 --batches 2 --rounds 1)
   MASK_ARGS=(--model mae_vit_tiny_patch16 --img-size 32 --batch 4 --rounds 1 --device cpu
              --rows "gpa,sbam_amr,cmae_2shot")
   TESTS=(-k "cpu and not cuda")
@@ -40,10 +42,13 @@ else
   LOWRES=(model.img_size=160)
   ENGINE=(engine.precision=bf16 engine.device=cuda)
   KERNELS=(auto flash efficient)
-  BATCH_B=256 BATCH_L=128,256 BATCH_REAL=256 WARMUP=5 STEPS=25 IMAGES=4096 SIDE=384 WORKERS=15 LIMIT=75
+  BATCH_B=256 BATCH_L=128,256,512 BATCH_REAL=256 WARMUP=5 STEPS=25 IMAGES=4096 SIDE=384 WORKERS=15 LIMIT=75
+  DATA_ARGS=(--images 2048 --image-size 384x384 --img-size 224 --batch-size 256 --batches 8 --rounds 2)
   MASK_ARGS=(--model mae_vit_large_patch16 --img-size 224 --batch 32 --precision bf16 --rounds 4)
   TESTS=(-k cuda)
 fi
+
+want() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }  # want SECTION: is it to run?
 
 # run NAME TIMEOUT_S ARGS...: one logged, time-limited command; a failure does not stop the others
 run() {
@@ -69,29 +74,36 @@ bench() {  # bench NAME TIMEOUT_S ARGS...: `mimscale bench step` writing $OUT/NA
 }
 
 # 1. the tests' CUDA cases (they are collected only where CUDA exists)
-run tests 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_no_host_sync.py tests/test_gpu_decode.py \
-  tests/test_packed.py "${TESTS[@]}"
+want tests && run tests 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_no_host_sync.py tests/test_gpu_decode.py \
+  tests/test_packed.py tests/test_score_cache.py "${TESTS[@]}"
 
 # 2. ViT-L with the defaults (compiled on CUDA): the MFU figure, and what holds it back
-bench vitl_memory "$((LIMIT + 45))" "${MODEL_L[@]}" --batch "$BATCH_L" --profile "$OUT/vitl_memory.profile.txt"
+want mfu && bench vitl_memory "$((LIMIT + 75))" "${MODEL_L[@]}" --batch "$BATCH_L" --profile "$OUT/vitl_memory.profile.txt"
 
 # 3. the measured defaults: SDPA kernel (uncompiled, so the kernel is all that differs), compile
-for k in "${KERNELS[@]}"; do
-  bench "vitb_attn_$k" 40 "${MODEL_B[@]}" engine.compile=false "engine.attention=$k" --batch "$BATCH_B"
-done
-bench vitb_memory "$LIMIT" "${MODEL_B[@]}" --batch "$BATCH_B"
+if want kernels; then
+  for k in "${KERNELS[@]}"; do
+    bench "vitb_attn_$k" 40 "${MODEL_B[@]}" engine.compile=false "engine.attention=$k" --batch "$BATCH_B"
+  done
+  bench vitb_memory "$LIMIT" "${MODEL_B[@]}" --batch "$BATCH_B"
+fi
 
 # 4. from JPEG shards through the real loader: decoded in the workers, then by nvJPEG
-run write_shards 60 "$PYTHON" -m mimscale shards write --synthetic "$IMAGES" --synthetic-size "$SIDE" \
-  --quality 90 --workers "$WORKERS" --no-progress "$WORK/shards"
-SHARDS=(data.source=wds "data.urls=$WORK/shards/index.json" "data.num_workers=$WORKERS" --data real)
-bench vitb_real_cpu_decode "$LIMIT" "${MODEL_B[@]}" "${SHARDS[@]}" data.decode=cpu --batch "$BATCH_REAL"
-bench vitb_real_gpu_decode "$LIMIT" "${MODEL_B[@]}" "${SHARDS[@]}" data.decode=gpu --batch "$BATCH_REAL" \
-  --profile "$OUT/vitb_real_gpu_decode.profile.txt"
-# a low-resolution phase's step (schedule.resolution), images decoded by nvJPEG
-bench vitb_real_lowres "$LIMIT" "${MODEL_B[@]}" "${LOWRES[@]}" "${SHARDS[@]}" data.decode=gpu --batch "$BATCH_REAL"
+if want decode; then
+  # the loader alone: images/s of the workers decoding vs the main process decoding on the GPU
+  run data_decode 120 "$PYTHON" -m mimscale bench data "${DATA_ARGS[@]}" --workers "$WORKERS" --rows wds,wds-gpu \
+    --cache "$WORK/bench-data" --json "$OUT/data_decode.json"
+  run write_shards 60 "$PYTHON" -m mimscale shards write --synthetic "$IMAGES" --synthetic-size "$SIDE" \
+    --quality 90 --workers "$WORKERS" --no-progress "$WORK/shards"
+  SHARDS=(data.source=wds "data.urls=$WORK/shards/index.json" "data.num_workers=$WORKERS" --data real)
+  bench vitb_real_cpu_decode "$LIMIT" "${MODEL_B[@]}" "${SHARDS[@]}" data.decode=cpu --batch "$BATCH_REAL"
+  bench vitb_real_gpu_decode "$LIMIT" "${MODEL_B[@]}" "${SHARDS[@]}" data.decode=gpu --batch "$BATCH_REAL" \
+    --profile "$OUT/vitb_real_gpu_decode.profile.txt"
+  # a low-resolution phase's step (schedule.resolution), images decoded by nvJPEG
+  bench vitb_real_lowres "$LIMIT" "${MODEL_B[@]}" "${LOWRES[@]}" "${SHARDS[@]}" data.decode=gpu --batch "$BATCH_REAL"
+fi
 
 # 5. every masking strategy's cost against MAE: FLOP ratio, time ratio, overhead (ViT-L, as the papers)
-run masking 150 "$PYTHON" -m mimscale bench masking "${MASK_ARGS[@]}" --json "$OUT/masking.json"
+want masking && run masking 150 "$PYTHON" -m mimscale bench masking "${MASK_ARGS[@]}" --json "$OUT/masking.json"
 
 echo "results in $OUT:"; ls -l "$OUT"
