@@ -288,7 +288,7 @@ class PretrainLoader:
         if not 0 <= batch < self._steps():
             raise ValueError(f"batch_in_epoch {batch} outside [0, {self._steps()}) for this loader")
         self.epoch, self.batch_in_epoch = epoch, batch
-        self.stats["bad_in_epoch"] = int(sd.get("bad_in_epoch", 0)) if batch else 0
+        self.stats["bad_in_epoch"] = int(sd.get("bad_in_epoch", 0)) if batch or earlier else 0
         self._generation += 1
 
     def _batches(self, k0: int) -> Iterator[dict]:
