@@ -349,6 +349,21 @@ def test_convert_consolidates_a_sharded_checkpoint(name, source, runs, tmp_path,
 
 
 @pytest.mark.slow
+def test_deepspeed_checkpoint_of_two_ranks_is_refused_on_one_at_start(runs, tmp_path, capsys, monkeypatch):
+    """DeepSpeed's per-rank files do not reshard: one line naming both rank counts and what works,
+    before DeepSpeed's engine is built (its CPU start alone can take minutes)."""
+    from mimscale.pretrain.engine import trainer
+
+    ckpt = runs.checkpoint("zero1", RESUME_AT)
+    monkeypatch.setattr(trainer, "build_backend", lambda *a: pytest.fail("the backend was built"))
+    code = main(["pretrain", *runs.base, "engine.backend=deepspeed", "engine.zero_stage=1",
+                 f"output.dir={tmp_path / 'one'}", f"resume={ckpt}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "Traceback" not in err
+    assert "written by DeepSpeed on 2 ranks and this run has 1" in err and "engine.backend=fsdp" in err
+
+
+@pytest.mark.slow
 def test_fsdp_checkpoint_of_two_ranks_resumes_on_one(runs, one_rank_group, tmp_path):
     """DCP reshards: the 2-rank checkpoint continues in one process, with the same backend."""
     from mimscale.pretrain.engine.trainer import Trainer

@@ -23,7 +23,7 @@ from mimscale.data_pipeline.build import build_pretrain_data
 from mimscale.pretrain.method import MIMMethod
 
 from .backend import build_backend, init_distributed
-from .checkpoint import CheckpointManager, read_state, resolve_resume
+from .checkpoint import CheckpointManager, check_deepspeed_world, read_state, resolve_resume
 from .data_wait import DataWait
 from .figures import reconstruction_grid
 from .flops import Throughput, peak_tflops, step_flops
@@ -59,8 +59,12 @@ class Trainer:
         device_type = "cuda" if cfg.engine.device == "cuda" or (
             cfg.engine.device == "auto" and torch.cuda.is_available()) else "cpu"
         self.env = init_distributed(device_type)
-        self.backend = build_backend(cfg.engine, self.env, cfg.optim, cfg.data.batch_size)
         self.run_dir = Path(cfg.output.dir)
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.output.keep_last)
+        resume_from = resolve_resume(cfg.resume, self.checkpoints)
+        if resume_from is not None and cfg.engine.backend == "deepspeed":
+            check_deepspeed_world(resume_from, None, self.env.world_size)  # before its slow start
+        self.backend = build_backend(cfg.engine, self.env, cfg.optim, cfg.data.batch_size)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
         seed_everything(cfg.engine.seed)  # identical initial weights on every rank
@@ -80,14 +84,12 @@ class Trainer:
         self.lr = cfg.optim.lr or scaled_lr(cfg.optim.blr, self.effective_batch)
         self.optimizer = self.backend.build_optimizer(
             param_groups(self.method, cfg.optim.weight_decay), self.lr, cfg.optim.betas)
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.output.keep_last)
         self.guard = NumericsGuard(cfg.engine.max_nonfinite_steps)
         self.step = 0
         self.saved_step: int | None = None
         self.figures: list[Path] = []
         self.memory: list[MemoryReport] = []
 
-        resume_from = resolve_resume(cfg.resume, self.checkpoints)
         if resume_from is not None:
             self._restore(resume_from)
         if self.env.is_main:

@@ -24,7 +24,7 @@ from torch import nn
 from mimscale.errors import CheckpointError
 
 from .backend import Backend
-from .checkpoint import checkpoint_format
+from .checkpoint import check_deepspeed_world, checkpoint_format
 from .fsdp import init_single_process_group
 from .memory import nested_bytes, parameter_bytes
 from .safe_load import load_file
@@ -172,11 +172,7 @@ class DeepSpeedBackend(Backend):
             raise ValueError(f"checkpoint {folder} was written by another backend ({fmt}); a deepspeed "
                              "run resumes from deepspeed checkpoints only. Resume it with the backend "
                              "that wrote it, or start a new run from its weights")
-        written_on = state.get("world_size", self.env.world_size)
-        if written_on != self.env.world_size:
-            raise ValueError(f"checkpoint {folder} was written by {written_on} ranks, this run has "
-                             f"{self.env.world_size}: DeepSpeed's ZeRO files load on the same number of "
-                             "ranks (engine.backend=fsdp checkpoints reshard freely)")
+        check_deepspeed_world(folder, state, self.env.world_size)
         vet_deepspeed_files(folder)
         path, _ = self.engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
