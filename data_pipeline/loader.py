@@ -272,16 +272,20 @@ class PretrainLoader:
         earlier = [dict(part) for part in sd.get("earlier", [])]
         was = {k: sd.get(k, v) for k, v in self._layout().items()}
         changed = ", ".join(f"{k} {was[k]} -> {v}" for k, v in self._layout().items() if was[k] != v)
+        resplit = False
         if (batch or earlier) and was["num_samples"] != self.plan.num_samples:
             log.warning("data: the data changed since the checkpoint (%s); an exact mid-epoch resume "
                         "is impossible, so the run continues at the start of epoch %d", changed, epoch + 1)
             epoch, batch, earlier = epoch + 1, 0, []
-        elif batch and changed:
-            earlier.append({**{k: was[k] for k in LAYOUT}, "batches": batch})
-            batch = 0
-            log.info("data: the layout changed since the checkpoint (%s); the rest of epoch %d is "
-                     "split over the new one", changed, epoch)
+        elif (batch or earlier) and changed:
+            if batch:
+                earlier.append({**{k: was[k] for k in LAYOUT}, "batches": batch})
+            batch, resplit = 0, True
         self.rest = rest_of_epoch(self.plan, epoch, earlier) if earlier else None
+        if resplit:  # a warning, to be seen: batches per epoch differ until the next epoch
+            log.warning("data: the layout changed since the checkpoint (%s); the samples of epoch %d "
+                        "not read yet are split over the new one: %d batches a rank, then epoch %d",
+                        changed, epoch, self.rest.steps if self.rest else 0, epoch + 1)
         if earlier and self.rest is None:  # nothing left that fills a batch on every rank
             epoch, batch, earlier = epoch + 1, 0, []
         self.earlier = earlier

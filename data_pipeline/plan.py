@@ -10,7 +10,8 @@ multiple of ``world_size * batch_size`` (``remainder``: ``drop`` the tail, or ``
 its head) and split into one contiguous chunk per rank. Inside a rank, each of ``W`` loader
 workers owns a contiguous piece of the chunk, and batches are emitted round-robin over workers
 (the order ``torch.utils.data.DataLoader`` consumes them in), counted globally across epochs:
-global batch ``k = epoch * steps_per_epoch + b`` comes from worker ``k % W``.
+global batch ``k = epoch * steps_per_epoch + b`` comes from worker ``k % W``. The same split of
+what is left of an epoch over another layout, after a resume, is ``resplit.py``'s.
 """
 
 from __future__ import annotations

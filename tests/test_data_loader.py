@@ -131,10 +131,10 @@ def test_load_state_restarts_a_live_iterator_and_resplits_on_a_new_layout(source
     next(it)
     a.load_state_dict({**a.state_dict(), "epoch": 0, "batch_in_epoch": 0})
     assert [next(it)["index"].tolist() for _ in range(2)] == [b["index"].tolist() for b in first]
-    with caplog.at_level(logging.INFO, logger="mimscale.data"):
+    with caplog.at_level(logging.WARNING, logger="mimscale.data"):
         b = loader(source, num_workers=2)
         b.load_state_dict({**a.state_dict(), "batch_in_epoch": 3})
-    assert "workers 1 -> 2" in caplog.text and "rest of epoch" in caplog.text
+    assert "workers 1 -> 2" in caplog.text and "not read yet are split over the new one" in caplog.text
     assert b.state_dict()["epoch"] == a.state_dict()["epoch"] and b.rest is not None  # test_data_resplit.py
     with pytest.raises(ValueError, match="seed"):
         b.load_state_dict({**a.state_dict(), "seed": 5})

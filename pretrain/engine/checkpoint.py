@@ -288,26 +288,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return out
 
 
-def check_deepspeed_world(folder: Path, state: dict | None, world_size: int) -> None:
-    """Refuse a DeepSpeed checkpoint written on another number of ranks, in one line saying what
-    works. Why not reshard: DeepSpeed's ZeRO files are per-rank partitions of flat buffers, and its
-    universal-checkpoint conversion is a separate offline tool, untested here. ``state``: the
-    checkpoint's state.pt, read here (it is small for this format) when None; other formats pass."""
-    folder = Path(folder)
-    if state is None:
-        if not (folder / "deepspeed").is_dir():
-            return
-        state = read_state(folder)
-    written_on = state.get("world_size", world_size)
-    if checkpoint_format(state) != "deepspeed" or written_on == world_size:
-        return
-    raise CheckpointError(
-        f"checkpoint {folder} was written by DeepSpeed on {written_on} ranks and this run has "
-        f"{world_size}: DeepSpeed's files load only on as many ranks; resume on {written_on} ranks, "
-        f"or start anew from its weights (mimscale convert {folder} --out DIR writes them, without "
-        "the optimizer state); engine.backend=fsdp checkpoints load on any number of ranks")
-
-
 def resolve_resume(resume: str, manager: CheckpointManager) -> Path | None:
     """``none`` -> None; ``auto`` -> the newest complete checkpoint of this run (or None); else the
     checkpoint folder the path names (a run folder: its newest complete checkpoint)."""

@@ -23,7 +23,7 @@ from mimscale.data_pipeline.build import build_pretrain_data
 from mimscale.pretrain.method import MIMMethod
 
 from .backend import build_backend, init_distributed
-from .checkpoint import CheckpointManager, check_deepspeed_world, read_state, resolve_resume
+from .checkpoint import CheckpointManager, read_state, resolve_resume
 from .data_wait import DataWait
 from .figures import reconstruction_grid
 from .flops import Throughput, peak_tflops, step_flops
@@ -62,9 +62,9 @@ class Trainer:
         self.run_dir = Path(cfg.output.dir)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.output.keep_last)
         resume_from = resolve_resume(cfg.resume, self.checkpoints)
-        if resume_from is not None and cfg.engine.backend == "deepspeed":
-            check_deepspeed_world(resume_from, None, self.env.world_size)  # before its slow start
         self.backend = build_backend(cfg.engine, self.env, cfg.optim, cfg.data.batch_size)
+        if resume_from is not None:
+            self.backend.prepare_resume(resume_from, self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
         seed_everything(cfg.engine.seed)  # identical initial weights on every rank
