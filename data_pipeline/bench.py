@@ -30,7 +30,7 @@ import numpy as np
 
 from mimscale.errors import UserError
 
-ROWS = ("torchvision", "imagefolder", "wds", "ffcv", "ffcv-native")
+ROWS = ("torchvision", "imagefolder", "wds", "wds-gpu", "ffcv", "ffcv-native")
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -135,12 +135,12 @@ def _torchvision(root, args):
     return (x for _ in itertools.count() for x, _ in loader)
 
 
-def _mimscale(source, args):
+def _mimscale(source, args, **options):
     from .loader import PretrainLoader
     from .views import mae_views
 
     loader = PretrainLoader(source, mae_views(args.img_size), args.batch_size, num_workers=args.workers,
-                            remainder="pad")
+                            remainder="pad", **options)
     return (b["images"] for b in loader)
 
 
@@ -166,9 +166,12 @@ def _make(row, root, index, beton, args):
     if row == "imagefolder":
         from .sources.imagefolder import ImageFolderSource
         return _mimscale(ImageFolderSource(root), args)
-    if row == "wds":
+    if row.startswith("wds"):  # wds-gpu: the workers plan, the main process decodes (data.decode=gpu),
+        import torch  # on the GPU where there is one
+
         from .sources.wds import TarShardSource
-        return _mimscale(TarShardSource(str(index)), args)
+        gpu = dict(decode="gpu", device="cuda" if torch.cuda.is_available() else "cpu") if row == "wds-gpu" else {}
+        return _mimscale(TarShardSource(str(index)), args, **gpu)
     if row == "ffcv":
         from .sources.beton import BetonSource
         return _mimscale(BetonSource(beton), args)
@@ -200,6 +203,9 @@ def _measure(batches, args) -> tuple[float, float | None]:
     for _ in range(args.batches):
         x = next(batches)
         n += x.shape[0]
+    if x.is_cuda:  # batches made on the GPU are ready only when its queue has run
+        import torch
+        torch.cuda.synchronize(x.device)
     seconds, cpu1 = time.perf_counter() - t0, _cpu_seconds()
     assert x.dtype.is_floating_point and x.shape[1:] == (3, args.img_size, args.img_size)
     return n / seconds, (cpu1 - cpu0) * 1e3 / n if cpu0 is not None and cpu1 is not None else None

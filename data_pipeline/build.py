@@ -78,10 +78,24 @@ def build_pretrain_data(cfg_data, img_size: int, seed: int, rank: int = 0, world
     delivering normalised batches on ``device``."""
     from .loader import PretrainLoader
 
-    return PretrainLoader(build_source(cfg_data, rank, world_size), build_views(cfg_data, img_size),
+    views = build_views(cfg_data, img_size)
+    return PretrainLoader(build_source(cfg_data, rank, world_size), views,
                           cfg_data.batch_size, seed, cfg_data.num_workers, rank, world_size,
                           remainder=cfg_data.remainder, max_bad_fraction=cfg_data.max_bad_fraction,
-                          fast_decode=cfg_data.fast_decode, device=device)
+                          fast_decode=cfg_data.fast_decode, device=device,
+                          decode=resolve_decode(cfg_data.decode, views, device))
+
+
+def resolve_decode(decode: str, views, device) -> str:
+    """``data.decode`` for this run: auto is gpu when training on CUDA with views the device can
+    make (non-JPEG samples are decoded in the workers either way, so auto costs PNG data nothing)."""
+    import torch
+
+    from .gpu_decode import device_ready
+
+    if decode != "auto":
+        return decode
+    return "gpu" if torch.device(device).type == "cuda" and device_ready(views) else "cpu"
 
 
 def _on_rank0(fn, rank: int, world_size: int):

@@ -11,7 +11,10 @@ of full batches so DDP never hangs. Hence:
 * each sample's augmentation is drawn from a generator seeded by ``(seed, epoch, position)``, so it
   does not depend on which process decodes it or on what was decoded before;
 * a sample that cannot be read or decoded is replaced by a neighbour (the batch stays full),
-  counted, and logged with its shard and key; too many in one epoch stop the run.
+  counted, and logged with its shard, key and the reason in words; too many in one epoch stop the
+  run. The workers send what they skipped with each batch; the consuming process counts it (the
+  count is part of ``state_dict``, so it survives a resume) and keeps the records for whoever
+  writes the run's list (``take_bad_records``).
 
 Workers ship uint8 views and the consumer's side normalises them: a batch crosses processes in
 fresh shared memory that is zeroed and faulted in page by page, which for float32 pixels cost a
@@ -31,6 +34,7 @@ import mmap
 import os
 import random
 import signal
+from collections import deque
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -39,6 +43,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mimscale.errors import UserError
 
+from .bad_samples import BadSample, decode_reason
+from .gpu_decode import Deferred, collate_encoded, decode_batch, defer_views, device_ready
 from .plan import EpochPlan, mix_seed
 from .resplit import LAYOUT, rest_of_epoch
 from .sources.imagefolder import ImageFolderSource
@@ -47,6 +53,7 @@ from .views import ViewSpec, decode_views, mae_views, normalize_uint8, normalize
 log = logging.getLogger("mimscale.data")
 
 _AUG = 1  # domain tag of augmentation seeds (plan.py uses others)
+_KEPT_RECORDS = 100_000  # bad-sample records held for a consumer that never takes them
 
 
 class BadDataError(UserError, RuntimeError):
@@ -91,6 +98,7 @@ class _Stream(IterableDataset):
         self.source, self.plan, self.views = loader.source, loader.plan, loader.views
         self.rank, self.workers, self.seed = loader.rank, loader.logical_workers, loader.seed
         self.fast, self.k0, self.rest = loader.fast_decode, k0, loader.rest
+        self.defer = loader.decode == "gpu"  # JPEGs: plan the views, the main process decodes
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -123,12 +131,13 @@ class _Stream(IterableDataset):
 
     def _decode(self, rec, epoch: int, position: int):
         if rec.error is not None:
-            return None, f"{rec.describe()}: {rec.error}"
+            return None, BadSample(rec.where, rec.key, rec.error)
         rng = random.Random(mix_seed(_AUG, self.seed, epoch, int(position)))
         try:
-            return decode_views(rec.data, self.views, rng, rec.shape, self.fast), None
+            deferred = defer_views(rec.data, self.views, rng, rec.shape) if self.defer else None
+            return deferred or decode_views(rec.data, self.views, rng, rec.shape, self.fast), None
         except Exception as e:  # noqa: BLE001 - any decode failure is a bad sample
-            return None, f"{rec.describe()}: undecodable: {e!r}"
+            return None, BadSample(rec.where, rec.key, decode_reason(rec.data, e))
 
     def _batch(self, records, positions, epoch: int, last_good):
         decoded, bad = [], []
@@ -140,7 +149,7 @@ class _Stream(IterableDataset):
         good = [d for d in decoded if d[1] is not None]
         if not good and last_good is None:
             raise BadDataError("no readable sample to stand in for the bad ones at the start of a "
-                               "worker's share: " + "; ".join(bad))
+                               "worker's share: " + "; ".join(map(str, bad)))
         filled, prev = [], last_good
         for i, item in enumerate(decoded):
             if item[1] is None:  # the previous good sample, else the next one in this batch
@@ -153,12 +162,7 @@ class _Stream(IterableDataset):
 def _uint8_batch(images: list[torch.Tensor]) -> torch.Tensor:
     """The images stacked into a ``[B, 3, H, W]`` uint8 tensor; in a loader worker, allocated in
     shared memory, so handing it to the main process copies nothing (as torch's default collate)."""
-    shape = (len(images), *images[0].shape)
-    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
-    if get_worker_info() is None or new_shared is None:
-        out = torch.empty(shape, dtype=torch.uint8)
-    else:
-        out = torch.empty(0, dtype=torch.uint8).set_(new_shared(math.prod(shape)), 0, shape)
+    out = _shared_uint8((len(images), *images[0].shape))
     for dst, src in zip(out, images):
         dst.copy_(src)
     return out
@@ -193,9 +197,22 @@ def _normalize_views(batch: dict, device: torch.device) -> dict:
     return batch
 
 
-def _collate(items, num_views: int, bad: list[str]) -> dict:
+def _shared_uint8(shape) -> torch.Tensor:
+    """An empty uint8 tensor; in a loader worker, in shared memory (handing it over copies nothing)."""
+    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
+    if get_worker_info() is None or new_shared is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    return torch.empty(0, dtype=torch.uint8).set_(new_shared(math.prod(shape)), 0, shape)
+
+
+def _collate(items, num_views: int, bad: list[BadSample]) -> dict:
+    samples = [v for _, v in items]
+    pixels = (collate_encoded(samples, num_views, _shared_uint8) if any(isinstance(v, Deferred) for v in samples)
+              else {"views": [_uint8_batch([v.images[j] for v in samples]) for j in range(num_views)]})
+    if "jpeg" in pixels:  # a sample the device fails to decode is named by its shard and key
+        pixels["sources"] = [(r.where, r.key) for r, _ in items]
     out = {
-        "views": [_uint8_batch([v.images[j] for _, v in items]) for j in range(num_views)],
+        **pixels,
         "boxes": torch.tensor([v.boxes for _, v in items], dtype=torch.float32),
         "flips": torch.tensor([v.flips for _, v in items], dtype=torch.bool),
         "sizes": torch.tensor([v.original_size for _, v in items], dtype=torch.long),
@@ -234,9 +251,12 @@ class PretrainLoader:
     def __init__(self, source, views: Sequence[ViewSpec], batch_size: int, seed: int = 0,
                  num_workers: int = 0, rank: int = 0, world_size: int = 1,
                  remainder: str = "drop", max_bad_fraction: float = 0.01, fast_decode: bool = True,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", decode: str = "cpu"):
         if not 0 <= max_bad_fraction <= 1:
             raise ValueError(f"max_bad_fraction {max_bad_fraction} must be in [0, 1]")
+        if decode not in ("cpu", "gpu") or (decode == "gpu" and not device_ready(views)):
+            raise ValueError(f"decode {decode!r}: 'cpu', or 'gpu' for views of random crops and flips only")
+        self.decode = decode  # gpu: JPEGs are decoded in this process, on ``device`` (gpu_decode.py)
         self.source, self.views, self.seed = source, tuple(views), seed
         self.plan = EpochPlan(source.shard_sizes, batch_size, seed, world_size, remainder)
         self.plan.rank_slice(rank)  # validates rank
@@ -248,6 +268,7 @@ class PretrainLoader:
         self.epoch, self.batch_in_epoch = 0, 0
         self.rest, self.earlier = None, []  # a resplit rest of the epoch, and the stretches before it
         self.stats = {"bad_samples": 0, "bad_in_epoch": 0, "last_bad": None}
+        self._bad_records: deque[dict] = deque(maxlen=_KEPT_RECORDS)
         self._generation = 0  # bumped by load_state_dict to restart a live iterator
 
     def _layout(self) -> dict:
@@ -259,7 +280,8 @@ class PretrainLoader:
         """The position of the next batch: ``batch_in_epoch`` counts in the current stretch (the
         rest of a resplit epoch has its own count, ``earlier`` lists the stretches before it)."""
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "seed": self.seed,
-                "bad_in_epoch": self.stats["bad_in_epoch"], "earlier": list(self.earlier), **self._layout()}
+                "bad_in_epoch": self.stats["bad_in_epoch"], "bad_samples": self.stats["bad_samples"],
+                "earlier": list(self.earlier), **self._layout()}
 
     def _steps(self) -> int:
         """Batches per rank in the current stretch of the epoch."""
@@ -293,6 +315,7 @@ class PretrainLoader:
             raise ValueError(f"batch_in_epoch {batch} outside [0, {self._steps()}) for this loader")
         self.epoch, self.batch_in_epoch = epoch, batch
         self.stats["bad_in_epoch"] = int(sd.get("bad_in_epoch", 0)) if batch or earlier else 0
+        self.stats["bad_samples"] = int(sd.get("bad_samples", 0))  # this rank's, since the run began
         self._generation += 1
 
     def _batches(self, k0: int) -> Iterator[dict]:
@@ -315,21 +338,43 @@ class PretrainLoader:
                     raise RuntimeError(f"data order broken: got batch {batch['batch']} of epoch "
                                        f"{batch['epoch']}, expected {self.batch_in_epoch} of {self.epoch}")
                 self._account(batch.pop("bad"))
+                batch = self._to_device(batch)  # may find more bad samples: they count in this epoch
                 self.batch_in_epoch += 1
                 if self.batch_in_epoch == self._steps():
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                     self.rest, self.earlier = None, []
                     self.stats["bad_in_epoch"] = 0
-                yield _normalize_views(batch, self.device)
+                yield batch
 
-    def _account(self, bad: list[str]) -> None:
+    def _to_device(self, batch: dict) -> dict:
+        """The worker's batch with its views decoded (``decode=gpu``) or normalised on the device."""
+        if "jpeg" not in batch:
+            return _normalize_views(batch, self.device)
+        views, failed = decode_batch(batch, self.views, self.device)
+        sources = batch.pop("sources")
+        self._account([BadSample(*sources[row], reason) for row, reason in failed])
+        batch["images"] = views[0]
+        if len(views) > 1:
+            batch["views"] = views
+        return batch
+
+    def take_bad_records(self) -> list[dict]:
+        """The bad samples of the batches yielded since the last call (``rank``, ``epoch``,
+        ``batch``, ``shard``, ``key``, ``reason`` each), handed over once."""
+        out = list(self._bad_records)
+        self._bad_records.clear()
+        return out
+
+    def _account(self, bad: list[BadSample]) -> None:
         if not bad:
             return
-        for msg in bad:
-            log.warning("data: skipped a bad sample, %s", msg)
+        for b in bad:
+            log.warning("data: skipped a bad sample, %s", b)
+            self._bad_records.append({"rank": self.rank, "epoch": self.epoch, "batch": self.batch_in_epoch,
+                                      "shard": b.shard, "key": b.key, "reason": b.reason})
         self.stats["bad_samples"] += len(bad)
         self.stats["bad_in_epoch"] += len(bad)
-        self.stats["last_bad"] = bad[-1]
+        self.stats["last_bad"] = str(bad[-1])
         limit = self.max_bad_fraction * self.plan.per_rank
         if self.stats["bad_in_epoch"] > limit:
             raise BadDataError(

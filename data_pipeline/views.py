@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms import functional as TF
 
+from .pixels import to_rgb
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 try:
@@ -41,7 +42,7 @@ class ViewSpec:
     size: int
     scale: tuple[float, float] = (0.2, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    crop: str = "random"  # or "center": a centred square of ``crop_pct`` of the short side
+    crop: str = "random"  # "center": a centred square of ``crop_pct`` of the short side; "full": the whole image
     crop_pct: float = 0.875
     flip_p: float = 0.5
     jitter_p: float = 0.0  # colour jitter (brightness, contrast, saturation, hue) in random order
@@ -123,13 +124,7 @@ def decode_views(data: bytes, specs, rng: random.Random, shape: tuple[int, int] 
     """
     image = _Encoded(data, shape)
     width, height = image.size
-    plans = []
-    for spec in specs:
-        if spec.crop == "center":
-            box = center_crop(width, height, spec.size, spec.crop_pct)
-        else:
-            box = sample_crop(width, height, spec.scale, spec.ratio, rng)
-        plans.append((spec, box, rng.random() < spec.flip_p))
+    plans = plan_views(width, height, specs, rng)
     scale = 1
     if fast and image.is_jpeg:
         # The smallest decode in which every crop still spans at least ``size`` pixels.
@@ -159,6 +154,35 @@ def decode_views(data: bytes, specs, rng: random.Random, shape: tuple[int, int] 
         out.boxes.append(tuple(float(v) for v in used))
         out.flips.append(flip)
     return out
+
+
+def plan_views(width: int, height: int, specs, rng: random.Random) -> list:
+    """Each view's ``(spec, (x0, y0, w, h), flip)`` in pixels of the original: the crop and flip
+    draws, in their order, shared by the worker's decode and the device decode (``gpu_decode``)."""
+    plans = []
+    for spec in specs:
+        if spec.crop == "center":
+            box = center_crop(width, height, spec.size, spec.crop_pct)
+        elif spec.crop == "full":  # the whole image squeezed to a square (the score cache's view)
+            box = (0, 0, width, height)
+        else:
+            box = sample_crop(width, height, spec.scale, spec.ratio, rng)
+        plans.append((spec, box, rng.random() < spec.flip_p))
+    return plans
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` of a YCbCr or greyscale JPEG from its header; None for anything else
+    (another format, CMYK, an unreadable header). Reads no pixels."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    if simplejpeg is not None:
+        return _simplejpeg_header(data)
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Exception:  # noqa: BLE001 - any unreadable header: not for the device
+        return None
+    return im.size if im.format == "JPEG" and im.mode in ("RGB", "L") else None
 
 
 def dct_scale(width: int, height: int, need_w: int, need_h: int) -> int:
@@ -195,8 +219,7 @@ class _Encoded:
                 self._pil = Image.open(io.BytesIO(self.data))
         if scale > 1:
             self._pil.draft("RGB", (self.size[0] // scale, self.size[1] // scale))
-        if self._pil.mode != "RGB":
-            self._pil = self._pil.convert("RGB")
+        self._pil = to_rgb(self._pil)  # 16-bit images scaled, not clipped to white
         return _chw(self._pil)
 
     def pil(self) -> Image.Image:

@@ -85,6 +85,9 @@ class DataConfig:
     views: str = _opt("mae", "augmented views per image: MAE's one, or MoCo v3's two",
                       choices=("mae", "mocov3"))
     fast_decode: bool = _opt(True, "decode JPEGs at the smallest DCT scale the crop allows")
+    decode: str = _opt("auto", "where JPEGs are decoded: cpu (loader workers), gpu (the main process, on the "
+                       "training device: nvJPEG on CUDA, the same code on a CPU run), auto (gpu when training "
+                       "on CUDA with data.views=mae)", choices=("cpu", "gpu", "auto"))
     crop_scale: tuple[float, float] = _opt((0.2, 1.0), "RandomResizedCrop area range [MAE]")
     hflip: bool = _opt(True, "random horizontal flip [MAE]")
     synthetic_images: int = _opt(2048, "images generated when source=synthetic", gt=0)
@@ -134,6 +137,13 @@ class SBAMConfig:
 
 
 @dataclass
+class ScoreCacheConfig:
+    """Per-sample full-image score maps refreshed every K epochs, warped into each view [X]."""
+    every_epochs: int = _opt(0, "refresh the cached score maps every K epochs (idm, gpa, ccmim); "
+                             "0 = off, score every view online [X]", ge=0)
+
+
+@dataclass
 class ShotConfig:
     """A later shot of multi-shot masking (SPEC §6): drop visible tokens inside the encoder."""
     layer: int | float = _opt(10, "block index it acts before (≥ 1), or a fraction of depth in (0, 1)")
@@ -155,6 +165,7 @@ class MaskingConfig:
     gpa: GPAConfig = field(default_factory=GPAConfig)
     ccmim: CCMIMConfig = field(default_factory=CCMIMConfig)
     sbam: SBAMConfig = field(default_factory=SBAMConfig)
+    score_cache: ScoreCacheConfig = field(default_factory=ScoreCacheConfig)
     shots: list[ShotConfig] = _opt([], "later shots inside the encoder, e.g. [{layer: 10, ratio: 0.1}]")
     loss_weights: str = _opt("union", "multi-shot loss: one mean over all hidden [P], equal or ratio-weighted shots",
                              choices=("union", "equal", "ratio"))
@@ -238,8 +249,17 @@ class EngineConfig:
     threads: int | None = _opt(None, "torch intra-op threads per process; null = torch default", ge=1)
     activation_checkpointing: bool = _opt(False, "recompute each transformer block in backward: "
                                           "less activation memory for ~30% more compute")
-    compile: bool = _opt(False, "torch.compile each transformer block (worth it on GPUs; slow to "
-                         "start on CPUs)")
+    compile: bool | str = _opt("auto", "torch.compile each transformer block; auto = on CUDA (+40 % "
+                               "images/s for ViT-L on an H200, docs/performance.md), off on CPUs "
+                               "(slow to start)", choices=(True, False, "auto"))
+    attention: str = _opt("auto", "scaled-dot-product attention kernel: auto = torch's choice, or "
+                          "only the named one (CUDA: flash, cudnn, efficient; math anywhere)",
+                          choices=("auto", "flash", "cudnn", "efficient", "math"))
+    varlen: str = _opt("auto", "how the encoder runs images of unequal visible counts (AMR, multi-shot): "
+                       "packed without padding with per-image attention, nested (SDPA on nested jagged "
+                       "tensors) or flex (FlexAttention; no backward on CPUs); auto = nested, or padded "
+                       "under engine.compile; padded = each batch padded to its largest count",
+                       choices=("auto", "nested", "flex", "padded"))
     cpu_offload: bool = _opt(False, "keep sharded params/grads (fsdp) or optimizer state (deepspeed) "
                              "in CPU memory")
     deepspeed_config: str | None = _opt(None, "JSON file merged over the generated DeepSpeed config")
@@ -439,6 +459,9 @@ def _validate_data(d: DataConfig) -> None:
     lo, hi = d.crop_scale
     if not 0 < lo <= hi <= 1:
         raise ConfigError(f"data.crop_scale: {list(d.crop_scale)} must satisfy 0 < min <= max <= 1")
+    if d.decode == "gpu" and d.views != "mae":
+        raise ConfigError(f"data.decode=gpu: the device makes random crops and flips only; data.views={d.views} has "
+                          "colour operations: use data.decode=cpu (or auto)")
     urls = [d.urls] if isinstance(d.urls, str) else list(d.urls or [])
     if urls and d.source not in ("wds", "ffcv"):
         raise ConfigError(f"data.urls: only read when data.source is wds or ffcv (it is {d.source}); "
@@ -495,6 +518,10 @@ def _validate_masking(cfg: Config) -> None:
     if source == "teacher" and t.type == "none":
         raise ConfigError(f"masking.strategy={m.strategy} scores with a teacher but teacher.type=none; "
                           "set teacher.type=ema or teacher.type=frozen (with teacher.checkpoint)")
+    if m.score_cache.every_epochs:
+        from mimscale.pretrain.masking.score_cache import check_cacheable
+
+        check_cacheable(m.strategy, source)
     o = cfg.objectives
     if o.mam.weight > 0 and m.strategy != "gpa":
         raise ConfigError(f"objectives.mam.weight: MAM predicts the GPA score, so it needs masking.strategy=gpa "

@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from mimscale.config import score_source
+from mimscale.pretrain.engine.backend import device_of, resolve_compile
 from mimscale.pretrain.masking.multishot import ShotPlan
+from mimscale.pretrain.masking.score_cache import CachedBatch
 from mimscale.pretrain.masking.strategies import MaskingContext, MaskResult, build_strategy
 from mimscale.pretrain.models import MAEOutput, build_mae
 from mimscale.pretrain.objectives import (
@@ -51,7 +53,12 @@ def build_model(cfg) -> nn.Module:
                      norm_pix_loss=cfg.objectives.norm_pix_loss)
     if m.patch_size is not None:
         overrides["patch_size"] = m.patch_size
-    return build_mae(m.name, **overrides)
+    model = build_mae(m.name, **overrides)
+    varlen = cfg.engine.varlen
+    if varlen == "auto":  # per-block compile would recompile at every packed length
+        varlen = "padded" if resolve_compile(cfg.engine.compile, device_of(cfg.engine.device)) else "nested"
+    model.varlen = varlen
+    return model
 
 
 def _teacher_depth(cfg, depth: int) -> int:
@@ -135,23 +142,36 @@ class MIMMethod(nn.Module):
 
     # ------------------------------------------------------------------ masking
 
+    @property
+    def score_network(self) -> nn.Module:
+        return self.teacher if self._source_name == "teacher" else self.student
+
     @torch.no_grad()
-    def make_mask(self, images: torch.Tensor, generator: torch.Generator) -> MaskResult:
-        """The strategy's input mask for a batch (and the score behind it), without training anything."""
+    def make_mask(self, images: torch.Tensor, generator: torch.Generator,
+                  cached: CachedBatch | None = None) -> MaskResult:
+        """The strategy's input mask for a batch (and the score behind it), without training anything.
+        ``cached``: the batch's maps from the score cache, warped here into the view."""
         shared = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)  # same on every rank
-        source = self.teacher if self._source_name == "teacher" else self.student
-        ctx = MaskingContext(images, tuple(self.student.grid_size), source, self.epoch, self._progress_epoch(),
-                             self.step / max(1, self.total_steps), generator, shared)
+        grid = tuple(self.student.grid_size)
+        ctx = MaskingContext(images, grid, self.score_network, self.epoch, self._progress_epoch(),
+                             self.step / max(1, self.total_steps), generator, shared,
+                             cached.warp(grid) if cached is not None else None)
         return self.strategy(ctx)
+
+    @torch.no_grad()
+    def score_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """The strategy's score maps of full images, ``[B, C, gh, gw]`` (the score cache's refresh pass)."""
+        maps = self.strategy.score_maps(self.score_network, images)
+        return maps.unflatten(-1, tuple(self.student.grid_size))
 
     # ------------------------------------------------------------------ step
 
     def forward(self, images: torch.Tensor, generator: torch.Generator,
-                views: torch.Tensor | None = None) -> StepOutput:
+                views: torch.Tensor | None = None, cached: CachedBatch | None = None) -> StepOutput:
         """One batch -> the total loss. ``images`` is the (first) view the student reconstructs;
-        ``views`` the second view of two-view recipes (CAMAE)."""
+        ``views`` the second view of two-view recipes (CAMAE); ``cached`` its score-cache maps."""
         t0 = time.perf_counter()
-        masked = self.make_mask(images, generator)
+        masked = self.make_mask(images, generator, cached)
         mask_time = torch.tensor(1000 * (time.perf_counter() - t0))
         out = self.student(images, masked.mask, self.plan, generator, masked.visible)
         self.strategy.observe(out.loss_per_image)
@@ -185,7 +205,8 @@ class MIMMethod(nn.Module):
         if self.cc.weight > 0:
             h_v = self.cc_projector(out.latent[:, 0])
             with torch.no_grad():  # the masked set through the encoder, without gradient
-                h_m = self.cc_projector(self.student.encode(images, ~masked.mask).latent[:, 0])
+                shown = None if masked.visible is None else self.student.num_patches - masked.visible
+                h_m = self.cc_projector(self.student.encode(images, ~masked.mask, visible=shown).latent[:, 0])
             if self.cc.variant == "nce":
                 term = ccmim_nce(h_v, h_m, self.cc.tau)
             elif self.cc.variant == "code":

@@ -59,3 +59,10 @@ def test_bench_data_ffcv_native_row(tmp_path):
     need("ffcv")
     result = _bench(tmp_path, "wds,ffcv-native", rounds=1)  # ffcv compiles its pipeline first
     assert result["median"]["ffcv-native"] > 0
+
+
+def test_bench_data_decoding_in_the_main_process(tmp_path, capsys):
+    """The wds-gpu row: workers plan, the main process decodes (on the GPU where there is one)."""
+    result = _bench(tmp_path, "wds,wds-gpu", rounds=1)
+    assert "| wds-gpu |" in capsys.readouterr().out
+    assert set(result["median"]) == {"wds", "wds-gpu"} and result["median"]["wds-gpu"] > 0

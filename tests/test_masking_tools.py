@@ -10,7 +10,7 @@ from PIL import Image
 
 from mimscale.cli import main
 from mimscale.config import load_config
-from mimscale.pretrain.engine.flops import step_flops
+from mimscale.pretrain.engine.flops import packed_step_flops, step_flops
 from mimscale.pretrain.masking import bench
 from mimscale.pretrain.models import build_mae
 
@@ -81,8 +81,9 @@ def test_bench_masking_prints_ratios(tmp_path, capsys):
                  "--rows", "gpa,sbam_amr,cmae_2shot", "--json", str(out)]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
     rows = json.loads(out.read_text())
-    assert [r["row"] for r in rows] == ["random (MAE)", "gpa (teacher b9)", "sbam_amr", "cmae_2shot (random)",
-                                        "cmae_2shot (gpa-guided)"]
+    assert [r["row"] for r in rows] == ["random (MAE)", "gpa (teacher b9)", "sbam_amr", "sbam_amr (packed)",
+                                        "gpa (cache K=20)", "cmae_2shot (random)", "cmae_2shot (gpa-guided)",
+                                        "cmae_2shot (packed)"]
     assert lines[0].startswith("| strategy") and len(lines) == 2 + len(rows)
     base = ["model.name=mae_vit_tiny_patch16", "model.img_size=32", "data.source=synthetic", "data.batch_size=4"]
     overrides = dict(bench.VARIANTS)
@@ -90,7 +91,11 @@ def test_bench_masking_prints_ratios(tmp_path, capsys):
     assert rows[0]["time_ratio"] == 1.0 and rows[0]["flop_ratio"] == 1.0
     for r, line in zip(rows, lines[2:]):
         assert {"mask_ratio", "step_ms", "model", "img_size", "batch", "precision", "device"} <= r.keys()
-        assert r["flop_ratio"] == pytest.approx(step_flops(load_config(base + overrides[r["row"]])).per_step / mae)
+        cfg = load_config(base + overrides[r["row"]])
+        counts = r["visible_counts"]  # AMR rows: counted at the bench batch's own visible sets
+        flops = packed_step_flops(cfg, counts) if counts else step_flops(cfg)
+        assert (counts is not None) == r["row"].startswith("sbam_amr")
+        assert r["flop_ratio"] == pytest.approx(flops.per_step / mae)
         assert r["overhead"] == pytest.approx(r["time_ratio"] / r["flop_ratio"])
         assert 0 < r["time_ratio_min"] <= r["time_ratio"] <= r["time_ratio_max"] and r["step_ms"] > 0
         cells = [c.strip() for c in line.split("|")[1:-1]]
@@ -101,11 +106,17 @@ def test_bench_masking_prints_ratios(tmp_path, capsys):
                                     "overhead")]
     by = {r["row"]: r for r in rows}  # the scoring pass costs FLOPs; a shot after block 10 saves some
     assert by["gpa (teacher b9)"]["flop_ratio"] > 1 > by["cmae_2shot (random)"]["flop_ratio"]
+    # the cache pays a twentieth of the scoring pass, in FLOPs and in the stated refresh time
+    cached, online = by["gpa (cache K=20)"], by["gpa (teacher b9)"]
+    assert cached["flop_ratio"] - 1 == pytest.approx((online["flop_ratio"] - 1) / 20)
+    assert cached["refresh_ms"] > 0 and cached["cache_every_epochs"] == 20 and online["refresh_ms"] is None
+    assert "refresh" in lines[2 + 3]
 
 
 def test_bench_masking_rows_are_checked(capsys):
     assert [label for label, _ in bench.select("cmae_2shot,idm")] == [
-        "random (MAE)", "idm (online)", "idm (momentum)", "cmae_2shot (random)", "cmae_2shot (gpa-guided)"]
+        "random (MAE)", "idm (online)", "idm (momentum)", "idm (momentum, cache K=20)", "cmae_2shot (random)",
+        "cmae_2shot (gpa-guided)", "cmae_2shot (packed)"]
     assert main(["bench", "masking", "--rows", "block,nope"]) == 2
     err = capsys.readouterr().err
     assert "'nope'" in err and "cmae_2shot (gpa-guided)" in err and "'block'" not in err

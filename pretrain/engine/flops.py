@@ -9,20 +9,26 @@ GELU, elementwise scoring and the optimizer count nothing. A trainable pass's ba
 forward (input and weight gradients), except where an input needs no gradient: the patch embedding
 (the image) and loss matmuls against detached keys compute one gradient (1×). No-grad passes
 (scoring, teachers, ccMIM's masked set, the multi-shot guide's q, k) count their forward only.
+With the score cache the scoring pass is amortised: one per image per refresh interval
+(``refresh_interval``); warping the cached maps (RoIAlign) is not a matmul and counts nothing.
 
 These are model FLOPs, the numerator of MFU: activation checkpointing's recompute is not counted,
 nor the score recompute of a fused attention backward (which ``FlopCounterMode`` counts on CUDA:
 2.5× forward for flash / efficient attention instead of 2×).
 
 Ragged plans: AMR's per-image ratio ``r ± Δr`` (eq. 7) is counted at its expected centre
-``masking.ratio``; the encoder really runs every image padded to the batch's largest visible count,
-so a measured step can execute more. ``visible=`` counts an observed width instead.
+``masking.ratio``. Packed (``engine.varlen`` other than ``padded``, ``models.packed``) the encoder
+executes each image's own visible set: ``packed_step_flops`` counts an observed batch's counts
+(the mean of each image's own count, attention quadratic in it); padded, every image runs at the
+batch's largest count, and the difference is padding, not model FLOPs.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -144,10 +150,36 @@ def step_flops(cfg, visible: int | None = None, world_size: int = 1) -> StepFlop
     parts["decoder"] = trained(decoder)
 
     scoring = _scoring(cfg, student, _teacher(cfg, student))
-    if scoring:
+    if scoring and cfg.masking.score_cache.every_epochs:
+        parts["score_cache_refresh"] = Part(scoring / refresh_interval(cfg))
+    elif scoring:
         parts["scoring"] = Part(scoring)
     parts.update(_objectives(cfg, student, k, widths[-1][1], cfg.data.batch_size * world_size))
     return StepFlops(parts, cfg.data.batch_size, cfg.optim.accum_steps)
+
+
+def packed_step_flops(cfg, counts: Sequence[int], world_size: int = 1) -> StepFlops:
+    """The step when each image of a batch runs its own visible count (packed AMR): per part, the
+    mean over the images of :func:`step_flops` at that image's count."""
+    if not counts:
+        raise ValueError("packed_step_flops needs at least one image's visible count")
+    tally = Counter(int(c) for c in counts)
+    steps = {c: step_flops(cfg, c, world_size) for c in tally}
+    first = next(iter(steps.values()))
+    parts = {name: Part(sum(steps[c].parts[name].forward * w for c, w in tally.items()) / len(counts),
+                        sum(steps[c].parts[name].backward * w for c, w in tally.items()) / len(counts))
+             for name in first.parts}
+    return StepFlops(parts, first.batch, first.accum)
+
+
+def refresh_interval(cfg) -> float:
+    """Epochs between two score-cache passes: ``every_epochs``, or the whole run for a frozen teacher
+    (computed once). The pass scores each image once, so per trained image it costs one scoring pass
+    over this interval (exact up to the samples the remainder drops or pads in each epoch)."""
+    m = cfg.masking
+    if score_source(m) == "teacher" and cfg.teacher.type == "frozen":
+        return float(max(m.score_cache.every_epochs, cfg.schedule.epochs))
+    return float(m.score_cache.every_epochs)
 
 
 def _shot_widths(cfg, vit: ViT, k: int) -> tuple[list[tuple[int, int]], float]:

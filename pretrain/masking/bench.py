@@ -9,6 +9,12 @@ range over the rounds are printed beside the FLOP ratio of the analytic count (`
 their quotient, the overhead: 1.0 means the strategy costs exactly its arithmetic, more means time
 the FLOPs do not explain (small no-grad kernels, host work, padding). Extra memory is the teacher's
 parameters, plus on CUDA the peak extra allocation of the scoring pass.
+
+Cached rows (``score_cache.every_epochs=K``): the maps of the bench's images are scored once, and
+each step warps them into fixed random crops (half flipped) before selecting, so their mask time is
+warp + select. The refresh pass is timed every round as a no-grad scoring pass over the batch, and
+its K-th part is added to the row's step time (one pass per image per K epochs), as the FLOP count
+adds its K-th part of the scoring FLOPs; the JSON row states it (``refresh_ms``).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 from mimscale.config import load_config
 from mimscale.errors import UserError
 from mimscale.pretrain.engine.bench_step import _device_name, _sync, write_rows
+from mimscale.pretrain.masking.score_cache import CachedBatch
 
 # (label, overrides) of the rows; every strategy, and the variants whose cost differs. The first row
 # is MAE, the reference of every ratio.
@@ -34,9 +41,16 @@ VARIANTS = [
     ("ccmim (last)", ["masking.strategy=ccmim"]),
     ("ccmim (all_blocks)", ["masking.strategy=ccmim", "masking.ccmim.importance=all_blocks"]),
     ("sbam", ["masking.strategy=sbam"]),
-    ("sbam_amr", ["masking.strategy=sbam_amr"]),
-    ("cmae_2shot (random)", ["masking.shots=[{layer: 0.8333, ratio: 0.1}]"]),
-    ("cmae_2shot (gpa-guided)", ["masking.shots=[{layer: 0.8333, ratio: 0.1, guide: gpa}]"]),
+    ("sbam_amr", ["masking.strategy=sbam_amr", "engine.varlen=padded"]),
+    ("sbam_amr (packed)", ["masking.strategy=sbam_amr", "engine.varlen=nested"]),
+    ("idm (momentum, cache K=20)", ["masking.strategy=idm", "teacher.type=ema", "masking.score_source=teacher",
+                                    "masking.score_cache.every_epochs=20"]),
+    ("gpa (cache K=20)", ["masking.strategy=gpa", "teacher.type=ema", "masking.gpa.head=mean",
+                          "masking.score_cache.every_epochs=20"]),
+    ("ccmim (cache K=20)", ["masking.strategy=ccmim", "masking.score_cache.every_epochs=20"]),
+    ("cmae_2shot (random)", ["masking.shots=[{layer: 0.8333, ratio: 0.1}]", "engine.varlen=padded"]),
+    ("cmae_2shot (gpa-guided)", ["masking.shots=[{layer: 0.8333, ratio: 0.1, guide: gpa}]", "engine.varlen=padded"]),
+    ("cmae_2shot (packed)", ["masking.shots=[{layer: 0.8333, ratio: 0.1}]", "engine.varlen=nested"]),
 ]
 
 
@@ -68,6 +82,18 @@ def select(names: str | None) -> list[tuple[str, list[str]]]:
     return [VARIANTS[0]] + [(label, o) for label, o in VARIANTS[1:] if any(label.startswith(p) for p in prefixes)]
 
 
+def _crops(batch: int, size: int, device: torch.device):
+    """Fixed random crops (area 0.2–1 of a ``size`` square image, half of them flipped): the
+    geometry the cached rows warp their maps with, as ``CachedBatch``'s boxes, sizes, flips."""
+    g = torch.Generator().manual_seed(0)
+    side = size * torch.empty(batch, 2).uniform_(0.45, 1.0, generator=g)
+    corner = (size - side) * torch.rand(batch, 2, generator=g)
+    boxes = torch.cat([corner, corner + side], dim=1)
+    sizes = torch.full((batch, 2), size)
+    flips = torch.rand(batch, generator=g) < 0.5
+    return boxes.to(device), sizes.to(device), flips.to(device)
+
+
 def _timed(steps: int, device: torch.device, fn, *args) -> float:
     """Seconds per call of ``steps`` calls of ``fn(*args)``, synchronised before and after the block only."""
     _sync(device)
@@ -79,7 +105,7 @@ def _timed(steps: int, device: torch.device, fn, *args) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mimscale.pretrain.engine.flops import step_flops
+    from mimscale.pretrain.engine.flops import packed_step_flops, step_flops
     from mimscale.pretrain.engine.optim import param_groups
     from mimscale.pretrain.method import MIMMethod
 
@@ -89,41 +115,56 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--rounds and --steps-per-round must be >= 1, --warmup-rounds >= 0")
     base = [f"model.name={args.model}", f"model.img_size={args.img_size}", "data.source=synthetic",
             f"data.batch_size={args.batch}", "optim.accum_steps=1"]
-    rows = []
+    images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
+    rows, visible, every = [], {}, {}
     for label, overrides in select(args.rows):
         cfg = load_config(base + overrides)
         torch.manual_seed(0)
         method = MIMMethod(cfg).to(device).train()
         opt = torch.optim.AdamW(param_groups(method, 0.05), lr=1e-4)
-        rows.append((label, method, opt, step_flops(cfg).per_step))
-    images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
+        flops = step_flops(cfg)
+        if cfg.masking.strategy == "sbam_amr":  # per-image ratios: count this batch's own visible sets
+            counts = (~method.make_mask(images, torch.Generator().manual_seed(0)).mask).sum(dim=1).tolist()
+            flops, visible[label] = packed_step_flops(cfg, counts), counts
+        rows.append((label, method, opt, flops.per_step))
+        every[label] = cfg.masking.score_cache.every_epochs
     dtype = torch.bfloat16 if args.precision == "bf16" else None
+    views = _crops(args.batch, args.img_size, device)
 
     def autocast():
         return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
-    def mask_only(method):
+    def refresh(method):
         with autocast():
-            method.make_mask(images, torch.Generator().manual_seed(0))
+            return method.score_maps(images).half()
 
-    def train_step(method, opt):
+    cached = {label: CachedBatch(refresh(method), *views) for label, method, *_ in rows if every[label]}
+
+    def mask_only(method, label):
         with autocast():
-            out = method(images, torch.Generator().manual_seed(0))
+            method.make_mask(images, torch.Generator().manual_seed(0), cached.get(label))
+
+    def train_step(method, opt, label):
+        with autocast():
+            out = method(images, torch.Generator().manual_seed(0), cached=cached.get(label))
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     mask_t = {label: [] for label, *_ in rows}
     step_t = {label: [] for label, *_ in rows}
+    refresh_t = {label: [] for label, *_ in rows}
     for r in range(args.warmup_rounds + args.rounds):
         # each round starts at another row, so no strategy always runs first (after a sync, on an
         # allocator that the previous round left in another state)
         for label, method, opt, _ in rows[r % len(rows):] + rows[:r % len(rows)]:
-            m = _timed(steps, device, mask_only, method)
-            s = _timed(steps, device, train_step, method, opt)
+            m = _timed(steps, device, mask_only, method, label)
+            s = _timed(steps, device, train_step, method, opt, label)
+            f = _timed(1, device, refresh, method) if every[label] else 0.0
             if r >= args.warmup_rounds:
                 mask_t[label].append(m)
-                step_t[label].append(s)
+                step_t[label].append(s + f / max(1, every[label]))  # the refresh's share of a step
+                refresh_t[label].append(f)
 
     mae, mae_flops = rows[0][0], rows[0][3]
     results = []
@@ -136,15 +177,17 @@ def run(args: argparse.Namespace) -> int:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
-            mask_only(method)
+            mask_only(method, label)
             scoring_peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
         results.append({
             "row": label, "flop_ratio": flop_ratio, "time_ratio": time_ratio,
             "time_ratio_min": min(ratios), "time_ratio_max": max(ratios), "overhead": time_ratio / flop_ratio,
             "mask_ratio": statistics.median(m / ref for m, ref in zip(mask_t[label], step_t[mae])),
             "step_ms": 1000 * statistics.median(step_t[label]), "mask_ms": 1000 * statistics.median(mask_t[label]),
-            "gflops_per_image": flops / args.batch / 1e9, "teacher_mib": teacher / 2**20,
-            "scoring_peak_mib": scoring_peak, "model": args.model, "img_size": args.img_size, "batch": args.batch,
+            "gflops_per_image": flops / args.batch / 1e9, "visible_counts": visible.get(label),
+            "teacher_mib": teacher / 2**20, "scoring_peak_mib": scoring_peak, "cache_every_epochs": every[label] or None,
+            "refresh_ms": 1000 * statistics.median(refresh_t[label]) if every[label] else None,
+            "model": args.model, "img_size": args.img_size, "batch": args.batch,
             "precision": args.precision, "device": _device_name(device), "rounds": args.rounds,
             "steps_per_round": steps})
 
@@ -157,6 +200,9 @@ def run(args: argparse.Namespace) -> int:
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         extra = f"teacher {r['teacher_mib']:.1f} MiB" if r["teacher_mib"] else "none"
+        if r["refresh_ms"] is not None:
+            extra += (f", refresh {r['refresh_ms']:.1f} ms per batch every {r['cache_every_epochs']} epochs "
+                      "(amortised in the time ratio)")
         if r["scoring_peak_mib"] is not None:
             extra += f", scoring peak {r['scoring_peak_mib']:.1f} MiB"
         print(f"| {r['row']} | {r['mask_ratio']:.3f} | {r['flop_ratio']:.3f} | {r['time_ratio']:.3f} | "

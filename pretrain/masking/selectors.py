@@ -37,7 +37,7 @@ def to_device(x: torch.Tensor, device) -> torch.Tensor:
     sync: a copy to a GPU goes through pinned memory, asynchronously (a pageable copy blocks)."""
     device = torch.device(device)
     if device.type == "cuda" and x.device.type == "cpu":
-        return x.pin_memory().to(device, non_blocking=True)
+        return x.contiguous().pin_memory().to(device, non_blocking=True)  # pinning copies: no expanded views
     return x.to(device)
 
 

@@ -30,6 +30,7 @@ class MaskingContext:
     progress_step: float = 0.0        # step / all steps
     generator: torch.Generator | None = None         # per rank
     shared_generator: torch.Generator | None = None  # identical on every rank
+    cached: torch.Tensor | None = None  # [B, C, N] score maps warped from the score cache, else None
 
     @property
     def batch(self) -> int:
@@ -72,12 +73,19 @@ class Strategy(nn.Module):
             raise ValueError(f"selector {self.selector!r} needs a score; strategy {type(self).__name__} has none")
         mask = select(self.selector, ranked, counts, ctx.generator, grid=ctx.grid, width=self.width,
                       batch=ctx.batch, device=ctx.images.device)
-        # every selector hides exactly ``counts``: with a fixed ratio the encoder needs no host read
-        visible = None if isinstance(self.ratio, torch.Tensor) else F.num_visible(ctx.num_patches, self.ratio)
-        return MaskResult(mask, score, visible=visible)
+        return MaskResult(mask, score, visible=self.visible(ctx))
+
+    def visible(self, ctx: MaskingContext) -> int | None:
+        """Every selector hides exactly ``counts``: with a fixed ratio the encoder needs no host read."""
+        return None if isinstance(self.ratio, torch.Tensor) else F.num_visible(ctx.num_patches, self.ratio)
 
     def observe(self, loss_per_image: torch.Tensor) -> None:
         """Per-image reconstruction losses of the step this strategy masked (PLB uses them)."""
+
+
+def _maps(strategy, ctx: MaskingContext) -> torch.Tensor:
+    """The strategy's ``[B, C, N]`` score maps: the score cache's, warped into this view, or scored now."""
+    return ctx.cached if ctx.cached is not None else strategy.score_maps(ctx.source, ctx.images)
 
 
 class RandomStrategy(Strategy):
@@ -100,13 +108,20 @@ class CCMIMStrategy(Strategy):
         super().__init__(cfg)
         self.importance = cfg.ccmim.importance
 
-    def scores(self, ctx):
+    def score_maps(self, source, images) -> torch.Tensor:
+        """``[B, 1, N]``: the importance (``last``) or the summed CLS rows (``all_blocks``)."""
         if self.importance == "last":
-            q, k = block_qk(ctx.source, ctx.images, -1)
-            s = F.cls_importance(q, k)
+            q, k = block_qk(source, images, -1)
+            return F.cls_importance(q, k).unsqueeze(1)
+        return cls_attention_all_blocks(source, images).float().unsqueeze(1)
+
+    def scores(self, ctx):
+        s = _maps(self, ctx)[:, 0]
+        if self.importance == "last":
+            if ctx.cached is not None:  # a warped map no longer sums to 1
+                s = s / s.sum(-1, keepdim=True)
             return s.clamp_min(1e-30).log(), s  # log s ranks as s; noisy_topk(1) of log s: the code's rule
-        total = cls_attention_all_blocks(ctx.source, ctx.images).float()
-        return total.log_softmax(dim=-1), total / total.sum(-1, keepdim=True)
+        return s.log_softmax(dim=-1), s / s.sum(-1, keepdim=True)
 
 
 class IDMStrategy(Strategy):
@@ -135,18 +150,22 @@ class IDMStrategy(Strategy):
         p = self.p.float()
         if self.scope == "step":
             head = torch.multinomial(p, 1, generator=ctx.shared_generator)
-            return to_device(head.expand(ctx.batch), ctx.images.device)
+            return to_device(head, ctx.images.device).expand(ctx.batch)
         return to_device(torch.multinomial(p, ctx.batch, replacement=True, generator=ctx.generator), ctx.images.device)
 
     def scores(self, ctx):
         if ctx.epoch > self.epoch:
             self.end_epoch(ctx.epoch)
-        q, k = block_qk(ctx.source, ctx.images, -1)
-        a = F.cls_patch_attention(q, k)                      # [B, h, N]
+        a = _maps(self, ctx)                                 # [B, h, N]
         heads = self.draw_heads(ctx)
         self._heads = heads
         score = a.gather(1, heads.view(-1, 1, 1).expand(-1, 1, a.shape[-1])).squeeze(1)
         return score, score / score.sum(-1, keepdim=True)
+
+    def score_maps(self, source, images) -> torch.Tensor:
+        """``[B, h, N]``: every head's last-block CLS attention (PLB picks the head per step)."""
+        q, k = block_qk(source, images, -1)
+        return F.cls_patch_attention(q, k)
 
     def forward(self, ctx):
         result = super().forward(ctx)
@@ -203,10 +222,14 @@ class GPAStrategy(Strategy):
                              "pick one with `mimscale select-head` or use masking.gpa.head=mean")
         self.c = c
 
-    def gpa(self, ctx) -> torch.Tensor:
-        q, k = block_qk(ctx.source, ctx.images, self.c.block)
+    def score_maps(self, source, images) -> torch.Tensor:
+        """``[B, 1, N]``: the chosen head's GPA (or the sum over heads)."""
+        q, k = block_qk(source, images, self.c.block)
         g = F.global_patch_attention(q, k, self.c.queries)  # [B, h, N]
-        return g.sum(dim=1) if self.c.head == "mean" else g[:, self.c.head]
+        return g.sum(dim=1, keepdim=True) if self.c.head == "mean" else g[:, self.c.head:self.c.head + 1]
+
+    def gpa(self, ctx) -> torch.Tensor:
+        return _maps(self, ctx)[:, 0]
 
     def forward(self, ctx):
         if self.selector != "topk":  # a plain selector over the GPA score (ablations)
@@ -220,12 +243,13 @@ class GPAStrategy(Strategy):
         hard = select("topk", g, n_h)
         probs = _soft_probs(g, self.c.soft_probs)
         keys = F.gumbel_keys(probs, ctx.generator)
-        keys = torch.where(probs > 0, keys, -1e30 + torch.rand(probs.shape, generator=ctx.generator).to(g.device))
+        ties = to_device(torch.rand(probs.shape, generator=ctx.generator), g.device)
+        keys = torch.where(probs > 0, keys, -1e30 + ties)
         soft = select("topk", keys.masked_fill(hard, float("-inf")), n_s)
-        rest = torch.rand(g.shape, generator=ctx.generator).to(g.device).masked_fill(hard | soft, float("-inf"))
+        rest = to_device(torch.rand(g.shape, generator=ctx.generator), g.device).masked_fill(hard | soft, float("-inf"))
         rand = select("topk", rest, n - n_h - n_s)
         logs = {"gpa_alpha_soft": torch.tensor(a_s), "gpa_alpha_hard": torch.tensor(a_h)}
-        return MaskResult(hard | soft | rand, g, logs)
+        return MaskResult(hard | soft | rand, g, logs, visible=self.visible(ctx))
 
     def scores(self, ctx):
         g = self.gpa(ctx)
@@ -277,7 +301,8 @@ class SBAMStrategy(Strategy):
         entropy = -(dist_s * (dist_s + 1e-12).log()).sum(-1)
         logs = {"mask_ratio": ratio.mean(), "salience_entropy": entropy.mean(),
                 "salience_fallback": flat.float().mean()}
-        return MaskResult(guided, s, logs)
+        # without AMR every image (fallback included) keeps the fixed count: no host read downstream
+        return MaskResult(guided, s, logs, visible=None if self.amr else self.visible(ctx))
 
 
 def build_strategy(cfg, num_heads: int) -> Strategy:

@@ -1,0 +1,193 @@
+"""JPEGs decoded on the training device (``data.decode=gpu``): workers plan, the main process decodes.
+
+Why: decoding is most of a loader worker's time, and a machine's CPU cores cannot decode as many
+images per second as a GPU trains on. Here a worker reads the bytes and draws each view's crop box
+and flip from the sample's own random stream with exactly the draws of the CPU path
+(``views.plan_views``), so the data order, resume and exactly-once reading are untouched; the batch
+carries the JPEG bytes instead of pixels. The main process hands them to
+``torchvision.io.decode_jpeg`` as one list (batched nvJPEG on CUDA; libjpeg-turbo when the training
+device is the CPU: the same code, which is how the tests run it), then crops, resizes, flips and
+normalises on the device.
+
+Geometry: the device decodes at full size, so a view's box is the sampled box itself, whole pixels
+of the original. The CPU path with ``fast_decode`` decodes at a DCT scale and rounds the box to the
+decoded grid: its box is ``round(b * s) / s`` of this one per axis (``s`` = decoded / original
+size), and equal to it with ``fast_decode=false``.
+
+Pixels: torch's antialiased bicubic filter (PIL's weights), in float32, then rounded and clamped to
+uint8 levels as the worker's uint8 kernel does. Against the CPU path at full size the views differ
+by at most 2 levels, 0.1-0.2 on average (the fixed-point kernel also rounds between its two passes);
+against its DCT-scaled decode by the difference between the two downscales (tests/test_gpu_decode.py
+states the bounds).
+
+What the device does not take is decoded in the worker as before: anything but a YCbCr or greyscale
+JPEG (PNG, CMYK, raw pixels), a JPEG whose header does not parse, or one that does not end with its
+EOI marker (truncated). A JPEG that still fails on the device is a bad sample: reported to the
+loader, which counts it as the worker's, and replaced by a good sample of the same batch.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mimscale.errors import DataError
+
+from .views import _device_constants, jpeg_size, plan_views
+
+_EOI = b"\xff\xd9"
+
+
+def device_ready(specs) -> bool:
+    """Whether the device can make these views: random crops and flips only (the colour operations
+    of MoCo v3's views and centre crops stay in the worker)."""
+    return all(s.crop == "random" and not (s.jitter_p or s.gray_p or s.blur_p or s.solarize_p)
+               for s in specs)
+
+
+@dataclass
+class Deferred:
+    """A sample whose views the main process decodes: its bytes and each view's geometry, as the
+    worker's ``views.Views`` has them."""
+    data: bytes
+    boxes: list[tuple[float, float, float, float]]  # x0, y0, x1, y1 in original pixels (integers)
+    flips: list[bool]
+    original_size: tuple[int, int]  # (height, width)
+
+
+def defer_views(data: bytes, specs, rng: random.Random, shape=None) -> Deferred | None:
+    """The sample's views planned for the device, or None (nothing drawn from ``rng``) when the
+    worker must decode it."""
+    if shape is not None or data[-2:] != _EOI:
+        return None
+    size = jpeg_size(data)
+    if size is None:
+        return None
+    width, height = size
+    plans = plan_views(width, height, specs, rng)
+    return Deferred(data, [(float(x), float(y), float(x + w), float(y + h)) for _, (x, y, w, h), _ in plans],
+                    [flip for *_, flip in plans], (height, width))
+
+
+def collate_encoded(samples: list, num_views: int, empty) -> dict:
+    """The pixel part of a worker's batch when some samples are ``Deferred``: their bytes in one
+    uint8 tensor (``jpeg``, split by ``jpeg_lengths``, batch rows ``jpeg_rows``), and the views of
+    the rest as decoded in the worker (``worker_views``, rows ``worker_rows``). ``empty(shape)``
+    allocates a uint8 tensor (in shared memory, in a worker)."""
+    rows = [i for i, s in enumerate(samples) if isinstance(s, Deferred)]
+    lengths = [len(samples[i].data) for i in rows]
+    data = empty((sum(lengths),))
+    flat, at = data.numpy(), 0
+    for i, n in zip(rows, lengths):
+        flat[at:at + n] = np.frombuffer(samples[i].data, np.uint8)
+        at += n
+    out = {"jpeg": data, "jpeg_lengths": torch.tensor(lengths, dtype=torch.long),
+           "jpeg_rows": torch.tensor(rows, dtype=torch.long)}
+    others = [i for i, s in enumerate(samples) if not isinstance(s, Deferred)]
+    if others:
+        out["worker_rows"] = torch.tensor(others, dtype=torch.long)
+        views = []
+        for j in range(num_views):
+            first = samples[others[0]].images[j]
+            view = empty((len(others), *first.shape))
+            for dst, i in zip(view, others):
+                dst.copy_(samples[i].images[j])
+            views.append(view)
+        out["worker_views"] = views
+    return out
+
+
+def decode_batch(batch: dict, specs, device: torch.device) -> tuple[list[torch.Tensor], list[tuple[int, str]]]:
+    """Pops the encoded part of a worker's batch (``collate_encoded``); returns each view as
+    normalised float32 ``[B, 3, S, S]`` on ``device`` and ``(row, reason)`` of each sample that failed
+    to decode here, whose row (pixels, boxes, flips, sizes, index, labels) now repeats a good one's."""
+    data, lengths, rows = batch.pop("jpeg"), batch.pop("jpeg_lengths").tolist(), batch.pop("jpeg_rows").tolist()
+    worker_rows, worker_views = batch.pop("worker_rows", None), batch.pop("worker_views", None)
+    images, bad = _decode(list(torch.split(data, lengths)), [tuple(batch["sizes"][r].tolist()) for r in rows],
+                          device)
+    boxes, flips = batch["boxes"].tolist(), batch["flips"].tolist()
+    size = len(boxes)
+    scale, shift = _device_constants(device)
+    views = []
+    for j, spec in enumerate(specs):
+        out = torch.empty((size, 3, spec.size, spec.size), dtype=torch.float32, device=device)
+        for r, img in zip(rows, images):
+            if img is not None:
+                out[r] = _view(img, boxes[r][j], flips[r][j], spec.size)
+        if worker_rows is not None:
+            out.index_copy_(0, _to(worker_rows, device), _to(worker_views[j], device).float())
+        views.append(out.clamp_(0, 255).round_().mul_(scale).add_(shift))
+    failed = [r for r, img in zip(rows, images) if img is None]
+    reasons = list(zip(failed, bad))
+    if failed:
+        _stand_in(batch, views, failed)
+    return views, reasons
+
+
+def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``; to a GPU through pinned memory, without blocking the host."""
+    if device.type == "cuda":
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
+
+
+def _view(img: torch.Tensor, box, flip: bool, size: int) -> torch.Tensor:
+    """One view: the box of a decoded uint8 ``[3, H, W]`` image, resized to ``size`` (float32,
+    not yet rounded) and flipped."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    crop = img[None, :, y0:y1, x0:x1].float()
+    view = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)[0]
+    return view.flip(-1) if flip else view
+
+
+def _decode(chunks: list[torch.Tensor], sizes: list[tuple[int, int]], device: torch.device):
+    """Each JPEG decoded to uint8 RGB ``[3, H, W]`` on ``device`` (one batched call; one call per
+    image when that fails, so one damaged image does not take the others); None where it fails or
+    its size is not the header's. Also the failures' messages."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    def call(items):
+        with warnings.catch_warnings():  # torchvision announces TorchCodec as the successor
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_jpeg(items, mode=ImageReadMode.RGB, device=device)
+
+    if not chunks:
+        return [], []
+    try:
+        images = call(chunks)
+    except (RuntimeError, ValueError):
+        images = []
+        for chunk in chunks:
+            try:
+                images.extend(call([chunk]))
+            except (RuntimeError, ValueError) as e:
+                images.append(e)
+    out, bad = [], []
+    for img, (height, width) in zip(images, sizes):
+        if isinstance(img, Exception) or tuple(img.shape[1:]) != (height, width):
+            why = img if isinstance(img, Exception) else f"decoded {tuple(img.shape[1:])}, header {(height, width)}"
+            bad.append(f"undecodable on {device.type}: {str(why).splitlines()[-1]}")
+            img = None
+        out.append(img)
+    return out, bad
+
+
+def _stand_in(batch: dict, views: list[torch.Tensor], failed: list[int]) -> None:
+    """Each failed row takes the previous good row of the batch, else the next one (the worker's
+    rule, within the batch)."""
+    failed_set, size = set(failed), len(batch["index"])
+    good = [r for r in range(size) if r not in failed_set]
+    if not good:
+        raise DataError(f"no sample of a batch of {size} could be decoded on the device")
+    for r in failed:
+        src = max((g for g in good if g < r), default=None)
+        src = min(g for g in good if g > r) if src is None else src
+        for key in ("boxes", "flips", "sizes", "index", "labels"):
+            batch[key][r] = batch[key][src]
+        for view in views:
+            view[r] = view[src]

@@ -1,0 +1,264 @@
+"""Decoding on the training device (``data.decode=gpu``), run on the CPU through the same code: the
+same crop geometry as the worker's decode, pixels within a stated tolerance, bad samples counted,
+resume unaffected, and a training step and ``bench step`` fed by it.
+
+Tolerances, in uint8 levels of the view (normalisation undone): against the worker's decode at full
+size (``fast_decode=false``) at most 2 levels anywhere and a mean of at most 0.25 (float32 bicubic
+rounded once, against the fixed-point uint8 kernel, which also rounds between its horizontal and
+vertical passes); against its DCT-scaled decode (the default) a mean of
+at most 3 levels, the difference between the two downscales."""
+
+import io
+import itertools
+import json
+import logging
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_data_sources import write_tar
+
+from mimscale.cli import main
+from mimscale.data_pipeline import views as views_module
+from mimscale.data_pipeline.gpu_decode import collate_encoded, decode_batch, defer_views
+from mimscale.data_pipeline.loader import PretrainLoader
+from mimscale.data_pipeline.sources.wds import TarShardSource
+from mimscale.data_pipeline.synthetic import sample_at, write_shards
+from mimscale.data_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
+from mimscale.data_pipeline.views import decode_views, mae_views, mocov3_views
+
+CPU = torch.device("cpu")
+# on a GPU machine also nvJPEG on CUDA (no CI machine has one: not a skip); its IDCT and chroma
+# upsampling are not libjpeg-turbo's, so its pixels get a looser bound (mean 1 level)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _levels(x: torch.Tensor) -> torch.Tensor:
+    """Normalised views back to uint8 levels (float)."""
+    std, mean = (torch.tensor(v).view(1, 3, 1, 1) * 255 for v in (IMAGENET_STD, IMAGENET_MEAN))
+    return x * std + mean
+
+
+def _encode(arr, fmt="JPEG", mode=None, **kw) -> bytes:
+    buf = io.BytesIO()
+    im = Image.fromarray(arr)
+    (im.convert(mode) if mode else im).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _without_quant_tables(data: bytes) -> bytes:
+    """A JPEG whose header reads (size, colour space, EOI at the end) but which no decoder can
+    decode: its quantisation tables (DQT segments) are removed."""
+    out, i = bytearray(data[:2]), 2
+    while data[i + 1] != 0xDA:  # up to the start of the scan
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if data[i + 1] != 0xDB:
+            out += data[i:i + 2 + length]
+        i += 2 + length
+    return bytes(out + data[i:])
+
+
+@pytest.fixture(scope="module")
+def jpegs():
+    """Photos of several sizes, subsamplings and kinds (textured generated images, upscaled)."""
+    def photo(index, height, width):
+        return np.array(Image.fromarray(sample_at(0, index, size=96).image).resize((width, height), Image.BICUBIC))
+
+    return {
+        "420": _encode(photo(1, 300, 400), quality=90),
+        "444": _encode(photo(2, 180, 200), quality=90, subsampling=0),
+        "progressive": _encode(photo(3, 250, 190), quality=85, progressive=True),
+        "grey": _encode(photo(4, 200, 260)[..., 0], quality=90),
+        "big": _encode(photo(5, 900, 1100), quality=90),
+    }
+
+
+def _device_batch(samples, specs):
+    """A worker's batch of ``Deferred`` samples, as the loader collates it."""
+    return {**collate_encoded(samples, len(specs), lambda shape: torch.empty(shape, dtype=torch.uint8)),
+            "boxes": torch.tensor([s.boxes for s in samples]), "flips": torch.tensor([s.flips for s in samples]),
+            "sizes": torch.tensor([s.original_size for s in samples]),
+            "index": torch.arange(len(samples)), "labels": torch.full((len(samples),), -1)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fast", [False, True])
+def test_same_geometry_and_close_pixels_as_the_worker(jpegs, fast, device):
+    """Per sample and seed the device plan draws what the worker draws. Geometry: the device box is
+    the sampled box in original pixels; the worker's is the same box at full size, and with DCT
+    scaling ``round(box * s) / s`` per axis, ``s`` its decoded / original size."""
+    specs = mae_views(64)
+    deferred, worker, scaled = [], [], 0
+    for seed, data in enumerate(list(jpegs.values()) * 4):
+        a, b = random.Random(seed), random.Random(seed)
+        deferred.append(defer_views(data, specs, a))
+        worker.append(decode_views(data, specs, b, None, fast))
+        assert a.getstate() == b.getstate()  # the same draws, no more
+    device = torch.device(device)
+    if device.type == "cuda":  # and no host sync on the way (pageable copies, reads)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        views, bad = decode_batch(_device_batch(deferred, specs), specs, device)
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+    assert bad == [] and views[0].shape == (20, 3, 64, 64) and views[0].dtype == torch.float32
+    assert views[0].device.type == device.type
+    views = [v.cpu() for v in views]
+    flips = [d.flips for d in deferred]
+    assert flips == [w.flips for w in worker] and {f[0] for f in flips} == {True, False}
+    for d, w in zip(deferred, worker):
+        assert d.original_size == w.original_size
+        (box,), (used,) = d.boxes, w.boxes
+        assert all(float(v).is_integer() for v in box)
+        if not fast:
+            assert used == box
+            continue
+        height, width = d.original_size
+        x0, y0, x1, y1 = box
+        scale = views_module.dct_scale(width, height, math.ceil(width * 64 / (x1 - x0)),
+                                       math.ceil(height * 64 / (y1 - y0)))
+        sx, sy = math.ceil(width / scale) / width, math.ceil(height / scale) / height  # libjpeg's scaled size
+        assert used == pytest.approx((round(x0 * sx) / sx, round(y0 * sy) / sy,
+                                      round(x1 * sx) / sx, round(y1 * sy) / sy), abs=1e-9)
+        scaled += scale > 1
+    assert not fast or scaled >= 4  # the relation was checked on DCT-scaled decodes
+    diff = (_levels(views[0]) - torch.stack([w.images[0] for w in worker]).float()).abs()
+    if fast:
+        assert diff.mean() <= 3
+    elif device.type == "cuda":
+        assert diff.mean() <= 1
+    else:
+        assert diff.max() <= 2 + 1e-3 and diff.mean() <= 0.25
+
+
+def test_the_worker_keeps_what_the_device_does_not_take(jpegs):
+    """PNG, CMYK, raw pixels, a truncated JPEG (no EOI marker), an unreadable header: decoded in the
+    worker, and nothing drawn from the sample's stream."""
+    arr = sample_at(0, 1, size=64).image
+    cases = [_encode(arr, "PNG"), _encode(arr, mode="CMYK", quality=90), jpegs["420"][:-200],
+             b"\xff\xd8 not a jpeg \xff\xd9", b""]
+    for data in cases:
+        rng = random.Random(0)
+        assert defer_views(data, mae_views(32), rng) is None
+        assert rng.getstate() == random.Random(0).getstate()
+    assert defer_views(arr.tobytes(), mae_views(32), random.Random(0), shape=arr.shape[:2]) is None
+    assert defer_views(jpegs["grey"], mae_views(32), random.Random(0)).original_size == (200, 260)
+
+
+def test_without_simplejpeg_the_header_is_read_by_pil(jpegs, monkeypatch):
+    monkeypatch.setattr(views_module, "simplejpeg", None)
+    assert views_module.jpeg_size(jpegs["420"]) == (400, 300)
+    assert views_module.jpeg_size(_encode(sample_at(0, 1, size=64).image, mode="CMYK")) is None
+    assert views_module.jpeg_size(_encode(sample_at(0, 1, size=64).image, "PNG")) is None
+
+
+def test_a_jpeg_that_fails_on_the_device_is_replaced_and_reported(jpegs):
+    specs = mae_views(32)
+    broken = _without_quant_tables(jpegs["444"])
+    samples = [defer_views(d, specs, random.Random(i)) for i, d in enumerate([broken, jpegs["420"], broken])]
+    assert all(s is not None for s in samples)  # its header is fine: only decoding finds it out
+    batch = _device_batch(samples, specs)
+    views, bad = decode_batch(batch, specs, CPU)
+    assert [row for row, _ in bad] == [0, 2] and bad[0][1].startswith("undecodable on cpu: ")
+    assert "Quantization" in bad[0][1]
+    assert batch["index"].tolist() == [1, 1, 1] and torch.equal(batch["boxes"][0], batch["boxes"][1])
+    assert torch.equal(views[0][0], views[0][1]) and torch.equal(views[0][2], views[0][1])
+
+
+# --------------------------------------------------------------------------- through the loader
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory, jpegs):
+    """A shard of 16 samples: JPEGs of every kind, PNGs, a CMYK JPEG, a truncated JPEG (bad in the
+    worker) and a JPEG without quantisation tables (bad on the device)."""
+    arr = sample_at(0, 7, size=48).image
+    kinds = [*jpegs.values(), _encode(arr, "PNG"), _encode(arr, mode="CMYK", quality=90)]
+    members = [(f"s{i:02d}", {"jpg": kinds[i % len(kinds)], "cls": str(i % 3).encode()}) for i in range(16)]
+    members[5] = ("s05", {"jpg": jpegs["420"][:-300], "cls": b"0"})
+    members[11] = ("s11", {"jpg": _without_quant_tables(jpegs["444"]), "cls": b"0"})
+    return write_tar(tmp_path_factory.mktemp("gpu_decode") / "mixed.tar", members)
+
+
+def _epoch(url, decode, workers=0, **kw):
+    ld = PretrainLoader(TarShardSource(url), mae_views(32), batch_size=4, seed=5, num_workers=workers,
+                        max_bad_fraction=0.5, fast_decode=False, decode=decode, **kw)
+    seen = {}
+    for b in itertools.islice(iter(ld), 4):
+        assert b["images"].shape == (4, 3, 32, 32) and b["images"].dtype == torch.float32
+        assert set(b) == {"images", "boxes", "flips", "sizes", "index", "labels", "epoch", "batch", "worker"}
+        for i, x, box, flip, label in zip(b["index"].tolist(), b["images"], b["boxes"], b["flips"], b["labels"]):
+            seen[i] = (x, box, flip, int(label))
+    return ld, seen
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_decoding_on_the_device_matches_the_workers(mixed, workers, caplog):
+    with caplog.at_level(logging.WARNING, logger="mimscale.data"):
+        device, on_device = _epoch(mixed, "gpu", workers)
+    worker, in_worker = _epoch(mixed, "cpu", workers)
+    assert device.stats["bad_samples"] == worker.stats["bad_samples"] == 2  # s05 in the worker, s11 here
+    assert "undecodable on cpu" in caplog.text and "s05" in caplog.text
+    good = set(range(16)) - {5, 11}
+    assert good <= set(on_device) and good <= set(in_worker) and not {5, 11} & set(on_device)
+    for i in good:
+        (x, box, flip, label), (y, box2, flip2, label2) = on_device[i], in_worker[i]
+        assert torch.equal(box, box2) and torch.equal(flip, flip2) and label == label2 == i % 3
+        diff = (_levels(x[None]) - _levels(y[None])).abs()
+        assert diff.max() <= 2 + 1e-3 and diff.mean() <= 0.25
+
+
+def test_resume_mid_epoch_on_the_device_path(mixed):
+    def loader():
+        return PretrainLoader(TarShardSource(mixed), mae_views(32), batch_size=4, seed=5, max_bad_fraction=0.5,
+                              decode="gpu")
+
+    straight = loader()
+    it = iter(straight)
+    first = [next(it) for _ in range(2)]
+    state = straight.state_dict()
+    rest = [next(it) for _ in range(3)]  # into the next epoch
+    resumed = loader()
+    resumed.load_state_dict(state)
+    again = list(itertools.islice(iter(resumed), 3))
+    assert first[0]["batch"] == 0
+    for a, b in zip(rest, again):
+        assert (a["epoch"], a["batch"]) == (b["epoch"], b["batch"])
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["images"], b["images"])
+        assert torch.equal(a["boxes"], b["boxes"])
+
+
+def test_views_the_device_cannot_make_are_refused(mixed):
+    with pytest.raises(ValueError, match="random crops and flips only"):
+        PretrainLoader(TarShardSource(mixed), mocov3_views(32), batch_size=4, decode="gpu")
+    from mimscale.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="data.decode=gpu: .* data.views=mocov3"):
+        load_config(["data.source=synthetic", "data.views=mocov3", "data.decode=gpu"])
+
+
+def test_auto_decodes_on_the_device_only_for_cuda():
+    from mimscale.data_pipeline.build import resolve_decode
+
+    assert resolve_decode("auto", mae_views(32), "cuda") == "gpu"
+    assert resolve_decode("auto", mae_views(32), "cpu") == "cpu"
+    assert resolve_decode("auto", mocov3_views(32), "cuda") == "cpu"
+    assert resolve_decode("gpu", mae_views(32), "cpu") == "gpu"
+
+
+# --------------------------------------------------------------------------- training and bench step
+
+def test_bench_step_trains_from_jpeg_shards_decoded_in_the_main_process(tiny_overrides, tmp_path):
+    shards = write_shards(tmp_path / "wds", 24, size=40, quality=90, max_count=8, progress=False)
+    out = tmp_path / "bench.json"
+    overrides = [*tiny_overrides, "engine.device=cpu", "data.source=wds", f"data.urls={shards}",
+                 "data.decode=gpu", "data.num_workers=1"]
+    assert main(["bench", "step", *overrides, "--data", "real", "--warmup", "1", "--steps", "2",
+                 "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["decode"] == "gpu" and row["data"] == "real" and row["images_per_s"] > 0
+    assert row["skipped_steps"] == 0
