@@ -6,7 +6,8 @@ of full batches so DDP never hangs. Hence:
 
 * which samples each (rank, worker) reads, and in which order, is a pure function of
   ``(seed, epoch)`` and the layout (``plan.EpochPlan``); a resume position is
-  ``(epoch, batch_in_epoch)``;
+  ``(epoch, batch_in_epoch)`` and the layout, from which the rest of an epoch can also be split
+  over another layout (``resplit.py``);
 * each sample's augmentation is drawn from a generator seeded by ``(seed, epoch, position)``, so it
   does not depend on which process decodes it or on what was decoded before;
 * a sample that cannot be read or decoded is replaced by a neighbour (the batch stays full),
@@ -45,6 +46,7 @@ from mimscale.errors import UserError
 from .bad_samples import BadSample, decode_reason
 from .gpu_decode import Deferred, collate_encoded, decode_batch, defer_views, device_ready
 from .plan import EpochPlan, mix_seed
+from .resplit import LAYOUT, rest_of_epoch
 from .sources.imagefolder import ImageFolderSource
 from .views import ViewSpec, decode_views, mae_views, normalize_uint8, normalize_uint8_on
 
@@ -95,27 +97,36 @@ class _Stream(IterableDataset):
     def __init__(self, loader: PretrainLoader, k0: int):
         self.source, self.plan, self.views = loader.source, loader.plan, loader.views
         self.rank, self.workers, self.seed = loader.rank, loader.logical_workers, loader.seed
-        self.fast, self.k0 = loader.fast_decode, k0
+        self.fast, self.k0, self.rest = loader.fast_decode, k0, loader.rest
         self.defer = loader.decode == "gpu"  # JPEGs: plan the views, the main process decodes
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         k = self.k0 + (info.id if info is not None else 0)
+        last_good, size = None, self.plan.batch_size
+        for epoch, worker, batches, positions, ids in self._shares(k):
+            records = self.source.read(ids)
+            for j, start in enumerate(range(0, len(ids), size)):
+                chunk = [next(records) for _ in range(size)]
+                out, last_good = self._batch(chunk, positions[start:start + size], epoch, last_good)
+                yield {**out, "epoch": epoch, "batch": int(batches[j]), "worker": worker}
+
+    def _shares(self, k: int) -> Iterator[tuple]:
+        """(epoch, logical worker, batch numbers, augmentation positions, sample ids) of this
+        worker's share of each epoch from global batch ``k`` on; in the rest of an epoch split
+        again after a resume (``resplit.py``), ``k`` counts its batches and the stream ends with it."""
+        if self.rest is not None:
+            worker, batches, idx = self.rest.share(self.rank, k, self.workers)
+            yield self.rest.epoch, worker, batches, self.rest.aug[idx], self.rest.ids[idx]
+            return
         worker, steps = k % self.workers, self.plan.steps_per_epoch
         epoch, batch = divmod(k, steps)
         skip = self.plan.worker_start(epoch, batch, worker, self.workers)
-        last_good = None
         while True:
             piece = self.plan.worker_piece(epoch, self.rank, worker, self.workers)
-            batches = self.plan.worker_batches(epoch, worker, self.workers)
+            batches = self.plan.worker_batches(epoch, worker, self.workers)[skip:]
             positions = np.arange(piece.start, piece.stop)[skip * self.plan.batch_size:]
-            ids = self.plan.epoch_ids(epoch)[positions]
-            records = self.source.read(ids)
-            for j, start in enumerate(range(0, len(ids), self.plan.batch_size), start=skip):
-                chunk = [next(records) for _ in range(self.plan.batch_size)]
-                pos = positions[start:start + self.plan.batch_size]
-                out, last_good = self._batch(chunk, pos, epoch, last_good)
-                yield {**out, "epoch": epoch, "batch": int(batches[j]), "worker": worker}
+            yield epoch, worker, batches, positions, self.plan.epoch_ids(epoch)[positions]
             epoch, skip = epoch + 1, 0
 
     def _decode(self, rec, epoch: int, position: int):
@@ -231,8 +242,10 @@ class PretrainLoader:
 
     Every rank yields ``steps_per_epoch`` full batches per epoch. ``state_dict()`` is the position
     of the next batch; after ``load_state_dict`` the next (or current) iteration continues from
-    exactly there, provided ranks, workers and batch size are unchanged (otherwise the run goes
-    on from the start of the next epoch, with a warning).
+    exactly there. A position written under other ranks, workers or batch size continues with the
+    samples of its epoch not read yet, split over this layout (``resplit.py``: every rank yields
+    as many batches, which may differ from ``steps_per_epoch``), then the next epoch as usual;
+    only other data (another sample count) goes on from the start of the next epoch, with a warning.
     """
 
     def __init__(self, source, views: Sequence[ViewSpec], batch_size: int, seed: int = 0,
@@ -253,6 +266,7 @@ class PretrainLoader:
         self.device = torch.device(device)
         self.steps_per_epoch = self.plan.steps_per_epoch
         self.epoch, self.batch_in_epoch = 0, 0
+        self.rest, self.earlier = None, []  # a resplit rest of the epoch, and the stretches before it
         self.stats = {"bad_samples": 0, "bad_in_epoch": 0, "last_bad": None}
         self._bad_records: deque[dict] = deque(maxlen=_KEPT_RECORDS)
         self._generation = 0  # bumped by load_state_dict to restart a live iterator
@@ -263,24 +277,44 @@ class PretrainLoader:
                 "remainder": self.plan.remainder}
 
     def state_dict(self) -> dict:
+        """The position of the next batch: ``batch_in_epoch`` counts in the current stretch (the
+        rest of a resplit epoch has its own count, ``earlier`` lists the stretches before it)."""
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "seed": self.seed,
                 "bad_in_epoch": self.stats["bad_in_epoch"], "bad_samples": self.stats["bad_samples"],
-                **self._layout()}
+                "earlier": list(self.earlier), **self._layout()}
+
+    def _steps(self) -> int:
+        """Batches per rank in the current stretch of the epoch."""
+        return self.rest.steps if self.rest is not None else self.steps_per_epoch
 
     def load_state_dict(self, sd: dict) -> None:
         if sd["seed"] != self.seed:
             raise ValueError(f"state seed {sd['seed']} != loader seed {self.seed}")
         epoch, batch = int(sd["epoch"]), int(sd["batch_in_epoch"])
-        changed = {k: (sd[k], v) for k, v in self._layout().items() if k in sd and sd[k] != v}
-        if batch and changed:
-            log.warning("data: the layout changed since the checkpoint (%s); an exact mid-epoch "
-                        "resume is impossible, so the run continues at the start of epoch %d",
-                        ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()), epoch + 1)
-            epoch, batch = epoch + 1, 0
-        if not 0 <= batch < self.steps_per_epoch:
-            raise ValueError(f"batch_in_epoch {batch} outside [0, {self.steps_per_epoch}) for this loader")
+        earlier = [dict(part) for part in sd.get("earlier", [])]
+        was = {k: sd.get(k, v) for k, v in self._layout().items()}
+        changed = ", ".join(f"{k} {was[k]} -> {v}" for k, v in self._layout().items() if was[k] != v)
+        resplit = False
+        if (batch or earlier) and was["num_samples"] != self.plan.num_samples:
+            log.warning("data: the data changed since the checkpoint (%s); an exact mid-epoch resume "
+                        "is impossible, so the run continues at the start of epoch %d", changed, epoch + 1)
+            epoch, batch, earlier = epoch + 1, 0, []
+        elif (batch or earlier) and changed:
+            if batch:
+                earlier.append({**{k: was[k] for k in LAYOUT}, "batches": batch})
+            batch, resplit = 0, True
+        self.rest = rest_of_epoch(self.plan, epoch, earlier) if earlier else None
+        if resplit:  # a warning, to be seen: batches per epoch differ until the next epoch
+            log.warning("data: the layout changed since the checkpoint (%s); the samples of epoch %d "
+                        "not read yet are split over the new one: %d batches a rank, then epoch %d",
+                        changed, epoch, self.rest.steps if self.rest else 0, epoch + 1)
+        if earlier and self.rest is None:  # nothing left that fills a batch on every rank
+            epoch, batch, earlier = epoch + 1, 0, []
+        self.earlier = earlier
+        if not 0 <= batch < self._steps():
+            raise ValueError(f"batch_in_epoch {batch} outside [0, {self._steps()}) for this loader")
         self.epoch, self.batch_in_epoch = epoch, batch
-        self.stats["bad_in_epoch"] = int(sd.get("bad_in_epoch", 0)) if batch else 0
+        self.stats["bad_in_epoch"] = int(sd.get("bad_in_epoch", 0)) if batch or earlier else 0
         self.stats["bad_samples"] = int(sd.get("bad_samples", 0))  # this rank's, since the run began
         self._generation += 1
 
@@ -296,7 +330,8 @@ class PretrainLoader:
     def __iter__(self) -> Iterator[dict]:
         while True:
             gen = self._generation
-            for batch in self._batches(self.epoch * self.steps_per_epoch + self.batch_in_epoch):
+            start = self.batch_in_epoch + (0 if self.rest is not None else self.epoch * self.steps_per_epoch)
+            for batch in self._batches(start):  # a rest's stream ends with it: rebuilt for the next epoch
                 if gen != self._generation:
                     break  # state was loaded mid-iteration: rebuild from the new position
                 if (batch["epoch"], batch["batch"]) != (self.epoch, self.batch_in_epoch):
@@ -305,8 +340,9 @@ class PretrainLoader:
                 self._account(batch.pop("bad"))
                 batch = self._to_device(batch)  # may find more bad samples: they count in this epoch
                 self.batch_in_epoch += 1
-                if self.batch_in_epoch == self.steps_per_epoch:
+                if self.batch_in_epoch == self._steps():
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                    self.rest, self.earlier = None, []
                     self.stats["bad_in_epoch"] = 0
                 yield batch
 

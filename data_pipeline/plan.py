@@ -10,7 +10,8 @@ multiple of ``world_size * batch_size`` (``remainder``: ``drop`` the tail, or ``
 its head) and split into one contiguous chunk per rank. Inside a rank, each of ``W`` loader
 workers owns a contiguous piece of the chunk, and batches are emitted round-robin over workers
 (the order ``torch.utils.data.DataLoader`` consumes them in), counted globally across epochs:
-global batch ``k = epoch * steps_per_epoch + b`` comes from worker ``k % W``.
+global batch ``k = epoch * steps_per_epoch + b`` comes from worker ``k % W``. The same split of
+what is left of an epoch over another layout, after a resume, is ``resplit.py``'s.
 """
 
 from __future__ import annotations
@@ -26,6 +27,26 @@ _SHARDS, _SAMPLES = 2, 3  # domain tags for mix_seed (0 and 1 are the loader's)
 def mix_seed(*ints: int) -> int:
     """Well-mixed 63-bit seed from a tuple of non-negative ints (nearby tuples -> unrelated)."""
     return int(np.random.SeedSequence(list(ints)).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def worker_batches(steps: int, phase: int, worker: int, num_workers: int) -> np.ndarray:
+    """Which of a rank's ``steps`` batches logical ``worker`` emits, batches going round robin over
+    ``num_workers`` workers and the first one being global batch ``phase``."""
+    return np.arange((worker - phase) % num_workers, steps, num_workers)
+
+
+def piece_starts(steps: int, phase: int, batch_size: int, num_workers: int) -> np.ndarray:
+    """Where each worker's contiguous piece of a rank's chunk starts (``num_workers + 1`` offsets,
+    the last one the chunk's length): each piece holds that worker's batches, in order."""
+    counts = [len(worker_batches(steps, phase, w, num_workers)) for w in range(num_workers)]
+    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64) * batch_size
+
+
+def read_in_chunk(steps: int, phase: int, batch_size: int, num_workers: int, batches: int) -> np.ndarray:
+    """Offsets (within a rank's chunk) of the samples of the rank's first ``batches`` batches."""
+    starts = piece_starts(steps, phase, batch_size, num_workers)
+    taken = [int(np.searchsorted(worker_batches(steps, phase, w, num_workers), batches)) for w in range(num_workers)]
+    return np.concatenate([np.arange(starts[w], starts[w] + n * batch_size) for w, n in enumerate(taken)])
 
 
 class EpochPlan:
@@ -86,18 +107,17 @@ class EpochPlan:
 
     def worker_batches(self, epoch: int, worker: int, num_workers: int) -> np.ndarray:
         """The rank batches (``b`` in ``[0, steps_per_epoch)``) that ``worker`` emits in ``epoch``."""
-        w, s = self._workers(num_workers), self.steps_per_epoch
-        first = (worker - epoch * s) % w
-        return np.arange(first, s, w)
+        s = self.steps_per_epoch
+        return worker_batches(s, epoch * s, worker, self._workers(num_workers))
 
     def worker_piece(self, epoch: int, rank: int, worker: int, num_workers: int) -> slice:
         """Positions (within ``epoch_ids``) of ``worker``'s contiguous piece of ``rank``'s chunk."""
         w = self._workers(num_workers)
         if not 0 <= worker < w:
             raise ValueError(f"worker {worker} outside [0, {w})")
-        counts = [len(self.worker_batches(epoch, i, w)) for i in range(w)]
-        start = self.rank_slice(rank).start + sum(counts[:worker]) * self.batch_size
-        return slice(start, start + counts[worker] * self.batch_size)
+        s = self.steps_per_epoch
+        starts = piece_starts(s, epoch * s, self.batch_size, w) + self.rank_slice(rank).start
+        return slice(int(starts[worker]), int(starts[worker + 1]))
 
     def batch_positions(self, epoch: int, rank: int, batch: int, num_workers: int) -> slice:
         """Positions (within ``epoch_ids``) of rank batch ``batch``; the union over batches is the chunk."""

@@ -125,7 +125,7 @@ def test_worker_count_does_not_change_what_a_rank_sees(source):
     assert ids[0] == ids[1]
 
 
-def test_load_state_restarts_a_live_iterator_and_warns_on_a_new_layout(source, caplog):
+def test_load_state_restarts_a_live_iterator_and_resplits_on_a_new_layout(source, caplog):
     a = loader(source)
     first = take(a, 2)
     it = iter(a)
@@ -135,7 +135,8 @@ def test_load_state_restarts_a_live_iterator_and_warns_on_a_new_layout(source, c
     with caplog.at_level(logging.WARNING, logger="mimscale.data"):
         b = loader(source, num_workers=2)
         b.load_state_dict({**a.state_dict(), "batch_in_epoch": 3})
-    assert "workers 1 -> 2" in caplog.text and b.state_dict()["epoch"] == a.state_dict()["epoch"] + 1
+    assert "workers 1 -> 2" in caplog.text and "not read yet are split over the new one" in caplog.text
+    assert b.state_dict()["epoch"] == a.state_dict()["epoch"] and b.rest is not None  # test_data_resplit.py
     with pytest.raises(ValueError, match="seed"):
         b.load_state_dict({**a.state_dict(), "seed": 5})
 

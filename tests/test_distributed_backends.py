@@ -349,6 +349,31 @@ def test_convert_consolidates_a_sharded_checkpoint(name, source, runs, tmp_path,
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["zero2", "zero3"])
+def test_deepspeed_checkpoint_of_two_ranks_resumes_on_one(name, runs, one_rank_group, tmp_path):
+    """Through DeepSpeed's universal checkpoint: every weight (the EMA teacher's too, which the
+    conversion leaves out) and Adam's moments come back on one rank, and the run goes on."""
+    from mimscale.pretrain.engine.trainer import Trainer
+    from mimscale.pretrain.engine.zero import read_deepspeed
+
+    run = tmp_path / "one"
+    step_dir = f"checkpoints/step_{RESUME_AT:08d}"
+    shutil.copytree(runs.checkpoint(name, RESUME_AT), run / step_dir)
+    trainer = Trainer(load_config(runs.base + CASES[name][0] + [f"output.dir={run}", "resume=auto"]))
+    assert trainer.step == RESUME_AT and trainer.env.world_size == 1
+    assert not [p for p in run.iterdir() if p.name.startswith(".universal")]  # the converted copy is gone
+    expected = read_deepspeed(run / step_dir)
+    names, params = zip(*trainer.method.named_parameters())
+    assert any(n.startswith("teacher.") and not p.requires_grad for n, p in zip(names, params))
+    for n, full in zip(names, _full_tensors(trainer.backend, list(params))):
+        torch.testing.assert_close(full, expected[n].to(full.dtype), rtol=0, atol=0, msg=n)
+    state = trainer.optimizer.optimizer.state
+    assert state and all(int(s["step"]) == RESUME_AT and s["exp_avg_sq"].abs().sum() > 0 for s in state.values())
+    summary = trainer.fit()
+    assert summary.steps == STEPS and all(torch.isfinite(torch.tensor(loss)) for _, loss in summary.losses)
+
+
+@pytest.mark.slow
 def test_fsdp_checkpoint_of_two_ranks_resumes_on_one(runs, one_rank_group, tmp_path):
     """DCP reshards: the 2-rank checkpoint continues in one process, with the same backend."""
     from mimscale.pretrain.engine.trainer import Trainer

@@ -198,6 +198,10 @@ class Backend:
         return self._clip_and_step(clip_grad)
 
     # ----------------------------------------------------------------- state
+    def prepare_resume(self, folder: Path, run_dir: Path) -> None:
+        """Told, before the model is wrapped, which checkpoint the run resumes from (DeepSpeed
+        builds its engine differently for one of another rank count)."""
+
     def save(self, folder: Path) -> dict:
         """Write this backend's part of a checkpoint. Collective. Sharded backends write files into
         ``folder``; the returned entries go into ``state.pt`` (written by the main rank)."""

@@ -83,8 +83,12 @@ class Trainer:
         device_type = "cuda" if cfg.engine.device == "cuda" or (
             cfg.engine.device == "auto" and torch.cuda.is_available()) else "cpu"
         self.env = init_distributed(device_type)
-        self.backend = build_backend(cfg.engine, self.env, cfg.optim, cfg.data.batch_size)
         self.run_dir = Path(cfg.output.dir)
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.output.keep_last)
+        resume_from = resolve_resume(cfg.resume, self.checkpoints)
+        self.backend = build_backend(cfg.engine, self.env, cfg.optim, cfg.data.batch_size)
+        if resume_from is not None:
+            self.backend.prepare_resume(resume_from, self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
         seed_everything(cfg.engine.seed)  # identical initial weights on every rank
@@ -104,14 +108,12 @@ class Trainer:
         self.lr = cfg.optim.lr or scaled_lr(cfg.optim.blr, self.effective_batch)
         self.optimizer = self.backend.build_optimizer(
             param_groups(self.method, cfg.optim.weight_decay), self.lr, cfg.optim.betas)
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.output.keep_last)
         self.guard = NumericsGuard(cfg.engine.max_nonfinite_steps)
         self.step = 0
         self.saved_step: int | None = None
         self.figures: list[Path] = []
         self.memory: list[MemoryReport] = []
 
-        resume_from = resolve_resume(cfg.resume, self.checkpoints)
         if resume_from is not None:
             self._restore(resume_from)
         self.start_step = self.step

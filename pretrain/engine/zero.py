@@ -5,7 +5,8 @@ backends: the EMA teacher then keeps exact fp32 weights (a bf16 teacher would ro
 each ``1 − m`` update), at the cost of DeepSpeed's separate fp32 master partition. Accumulation,
 clipping and the step belong to the DeepSpeed engine; this class maps the loop's interface onto it.
 Checkpoints are DeepSpeed's own files (``deepspeed/`` in the checkpoint folder); ``read_deepspeed``
-consolidates them into one fp32 state dict without DeepSpeed's engine or a process group.
+consolidates them into one fp32 state dict without DeepSpeed's engine or a process group. On
+another number of ranks they load through DeepSpeed's universal form (``zero_universal.py``).
 
 Install with ``pip install 'mimscale[deepspeed]'``; on CPUs DeepSpeed runs with
 ``DS_ACCELERATOR=cpu`` and gloo (set automatically when ``engine.device`` resolves to cpu). There,
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -30,8 +32,8 @@ from .checkpoint import checkpoint_format
 from .fsdp import init_single_process_group
 from .memory import nested_bytes, parameter_bytes
 from .safe_load import load_file
+from .zero_universal import TAG, convert, restore_frozen, written_on
 
-TAG = "deepspeed"  # DeepSpeed's checkpoint tag = the sub-folder of the checkpoint folder
 SHM_BUILDER = "ShareMemCommBuilder"  # DeepSpeed's CPU op for intra-machine collectives
 
 
@@ -67,6 +69,7 @@ class DeepSpeedBackend(Backend):
         self.zero_stage, self.clip_grad, self.accum_steps = zero_stage, clip_grad, accum_steps
         self.micro_batch, self.cpu_offload, self.extra_config = micro_batch, cpu_offload, extra_config
         self.engine = None
+        self.universal: Path | None = None  # where a checkpoint of another rank count is converted
 
     def ds_config(self) -> dict:
         """The DeepSpeed config this run uses: generated from the mimscale config, then the
@@ -85,6 +88,8 @@ class DeepSpeedBackend(Backend):
                   "zero_force_ds_cpu_optimizer": False,
                   "steps_per_print": 2**31 - 1,
                   "wall_clock_breakdown": False}
+        if self.universal is not None:
+            config["checkpoint"] = {"load_universal": True}
         if self.extra_config:
             config = _merge(config, json.loads(Path(self.extra_config).read_text()))
         return config
@@ -179,16 +184,27 @@ class DeepSpeedBackend(Backend):
             raise ValueError(f"checkpoint {folder} was written by another backend ({fmt}); a deepspeed "
                              "run resumes from deepspeed checkpoints only. Resume it with the backend "
                              "that wrote it, or start a new run from its weights")
-        written_on = state.get("world_size", self.env.world_size)
-        if written_on != self.env.world_size:
-            raise ValueError(f"checkpoint {folder} was written by {written_on} ranks, this run has "
-                             f"{self.env.world_size}: DeepSpeed's ZeRO files load on the same number of "
-                             "ranks (engine.backend=fsdp checkpoints reshard freely)")
         vet_deepspeed_files(folder)
-        path, _ = self.engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
+        if self.universal is None:
+            path, _ = self.engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
+        else:  # written on another rank count (prepare_resume): through the universal form
+            convert(folder, self.universal)
+            path, _ = self.engine.load_checkpoint(str(self.universal), tag=TAG, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
+            restore_frozen(self.module, read_deepspeed(folder), self.zero_stage)
+            self.barrier()
+            if self.env.is_main:
+                shutil.rmtree(self.universal, ignore_errors=True)
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint in {Path(folder) / TAG}")
+
+    def prepare_resume(self, folder: Path, run_dir: Path) -> None:
+        """A checkpoint of another rank count is loaded through DeepSpeed's universal form, which
+        the engine must be built for (``zero_universal.py``); it is converted into the run folder."""
+        ranks = written_on(folder)
+        if ranks is not None and ranks != self.env.world_size:
+            self.universal = Path(run_dir) / f".universal-{Path(folder).name}"
 
     def state_dict(self) -> dict:
         raise NotImplementedError("deepspeed keeps model and optimizer in its own files: use save()")
