@@ -2,8 +2,8 @@
 # GPU step benchmark: `mimscale bench step` for MAE ViT-B/16 and ViT-L/16 at 224 px in bf16, from
 # memory (pure compute, batch sweeps), and ViT-B from generated JPEG shards through the real loader.
 # Also `bench masking` at ViT-L. Writes one JSON and one log per run under $OUT (default
-# ./gpu_bench_out); about 7 minutes on one H200. Assumes `python -m mimscale` works (mimscale and
-# its dependencies installed).
+# ./gpu_bench_out); about 9 minutes on one H200 (7 before the GPU-decode bench and tests). Assumes
+# `python -m mimscale` works (mimscale and its dependencies installed).
 #
 #   OUT=/path/to/results bash tools/gpu_bench.sh
 #   MIMSCALE_BENCH_DRY=1 bash tools/gpu_bench.sh   # the same runs with a tiny model on the CPU (checks the script)
@@ -65,6 +65,8 @@ bench vitb_real "$LIMIT" "${MODEL_B[@]}" data.source=wds "data.urls=$WORK/shards
 bench vitb_real_gpu_decode "$LIMIT" "${MODEL_B[@]}" data.source=wds "data.urls=$WORK/shards/index.json" \
   "data.num_workers=$WORKERS" data.decode=gpu --data real --batch "$BATCH_REAL" \
   --profile "$OUT/vitb_real_gpu_decode.profile.txt"
+# the device decode against the worker's on this machine's GPU (nvJPEG pixels, geometry, no host sync)
+[ -d tests ] && run gpu_decode_tests 240 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_gpu_decode.py
 # every masking strategy's cost against MAE: FLOP ratio, time ratio, overhead (ViT-L, as the papers)
 run masking "$((LIMIT + 90))" "$PYTHON" -m mimscale bench masking "${MASK_ARGS[@]}" --json "$OUT/masking.json"
 # last, as its compile time is the least known: torch.compile of every block
