@@ -9,6 +9,7 @@ the student's official-MAE-layout weights, never mixed into them.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from typing import NamedTuple
 
@@ -140,7 +141,7 @@ class MIMMethod(nn.Module):
         """The strategy's input mask for a batch (and the score behind it), without training anything."""
         shared = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)  # same on every rank
         source = self.teacher if self._source_name == "teacher" else self.student
-        ctx = MaskingContext(images, tuple(self.student.grid_size), source, self.epoch, self._progress_epoch(),
+        ctx = MaskingContext(images, self.student.patch_embed.grid_for(images), source, self.epoch, self._progress_epoch(),
                              self.step / max(1, self.total_steps), generator, shared)
         return self.strategy(ctx)
 
@@ -196,7 +197,8 @@ class MIMMethod(nn.Module):
 
     def _student_cls(self, images: torch.Tensor) -> torch.Tensor:
         """The student encoder's CLS after the final norm on the full image, with gradient."""
-        visible = torch.zeros(images.shape[0], self.student.num_patches, dtype=torch.bool, device=images.device)
+        n = math.prod(self.student.patch_embed.grid_for(images))
+        visible = torch.zeros(images.shape[0], n, dtype=torch.bool, device=images.device)
         return self.student.forward_encoder(images, visible)[:, 0]
 
     @torch.no_grad()

@@ -9,6 +9,7 @@ at the end, and at the step boundary after a preemption signal, after which the 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,7 @@ from torch import nn
 
 from mimscale.config import Config, to_dict, to_yaml
 from mimscale.data_pipeline.build import build_pretrain_data
+from mimscale.data_pipeline.views import size_at
 from mimscale.pretrain.method import MIMMethod
 
 from .backend import build_backend, init_distributed
@@ -34,6 +36,8 @@ from .optim import param_groups
 from .preemption import PreemptionHandler
 from .rng import rng_state, seed_everything, set_rng_state, step_generator
 from .schedule import cosine_lr, scaled_lr
+
+_log = logging.getLogger("mimscale.pretrain")
 
 
 @dataclass
@@ -67,7 +71,8 @@ class Trainer:
         self.backend.wrap(MIMMethod(cfg))
         self.method: MIMMethod = self.backend.module
         self.data = build_pretrain_data(cfg.data, cfg.model.img_size, cfg.engine.seed,
-                                        self.env.rank, self.env.world_size, self.backend.device)
+                                        self.env.rank, self.env.world_size, self.backend.device,
+                                        cfg.schedule.resolution)
         self._batches: _OneAhead | None = None  # the loader as the running loop reads it
         seed_everything(cfg.engine.seed + self.env.rank)  # per-rank stream for drop path etc.
 
@@ -92,18 +97,33 @@ class Trainer:
             self._restore(resume_from)
         if self.env.is_main:
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-        self.throughput = Throughput(step_flops(cfg, world_size=self.env.world_size), self.env.world_size,
-                                     peak_tflops(self.backend.device, cfg.engine.precision, cfg.engine.peak_tflops))
+        self._throughputs: dict[int, Throughput] = {}
+        self.throughput = self._throughput(self.data.epoch)
         self.logger = RunLogger(self.run_dir, self.env.is_main, self.total_steps, self.step,
                                 cfg.logging.tensorboard, cfg.logging.progress)
         self.logger.print(
             f"mimscale pretrain: recipe={cfg.recipe} model={cfg.model.name} img={cfg.model.img_size} "
-            f"backend={self.backend.name}{f' zero{cfg.engine.zero_stage}' if self.backend.name == 'deepspeed' else ''} "
+            + "".join(f"(from epoch {e}: {s}) " for e, s in cfg.schedule.resolution)
+            + f"backend={self.backend.name}{f' zero{cfg.engine.zero_stage}' if self.backend.name == 'deepspeed' else ''} "
             f"ranks={self.env.world_size} batch/rank={cfg.data.batch_size} accum={accum} "
             f"effective_batch={self.effective_batch} lr={self.lr:.3g} "
             f"({'optim.lr' if cfg.optim.lr else f'blr {cfg.optim.blr:g} x {self.effective_batch}/256'}) "
             f"steps={self.total_steps} ({self.steps_per_epoch}/epoch, warmup {self.warmup_steps})"
             + (f" resumed at step {self.step} from {resume_from}" if resume_from else ""))
+
+    def img_size(self, epoch: int) -> int:
+        """The image size of ``epoch``: its ``schedule.resolution`` phase, else ``model.img_size``."""
+        return size_at(self.cfg.schedule.resolution, epoch, self.cfg.model.img_size)
+
+    def _throughput(self, epoch: int) -> Throughput:
+        """FLOPs -> TFLOP/s and MFU at the image size of ``epoch`` (a resolution phase changes them)."""
+        size = self.img_size(epoch)
+        if size not in self._throughputs:
+            cfg = self.cfg
+            self._throughputs[size] = Throughput(
+                step_flops(cfg, world_size=self.env.world_size, img_size=size), self.env.world_size,
+                peak_tflops(self.backend.device, cfg.engine.precision, cfg.engine.peak_tflops))
+        return self._throughputs[size]
 
     # ------------------------------------------------------------------ state
 
@@ -116,6 +136,7 @@ class Trainer:
             "world_size": self.env.world_size,
             "step": self.step,
             "data": self._data_position(),
+            "img_size": self.img_size(self._data_position()["epoch"]),  # of the next batch
             "data_per_rank": self.backend.all_gather_object(self._data_position()),  # skips differ
             "rng": self.backend.all_gather_object(rng_state()),
             "rank_state": self.backend.all_gather_object(_to_cpu(rank_local_state(self.method))),
@@ -156,6 +177,10 @@ class Trainer:
         self.step = int(state["step"])
         data = state.get("data_per_rank") or [state["data"]]
         self.data.load_state_dict(data[self.env.rank] if len(data) == self.env.world_size else data[0])
+        size, saved = self.img_size(self.data.epoch), state.get("img_size")
+        if saved is not None and saved != size:
+            _log.warning("schedule.resolution: the checkpoint's next batch was at %d px; this config's "
+                        "schedule gives %d px at epoch %d, which the run uses", saved, size, self.data.epoch)
         self.guard.load_state_dict(state.get("guard", {}))
         rngs = state["rng"]
         if len(rngs) == self.env.world_size:
@@ -239,11 +264,14 @@ class Trainer:
                 self.guard.check()
             if log:
                 means, images_per_s = window.flush()
+                self.throughput = self._throughput(epoch)
                 norm = float(grad_norm)  # the last step's
                 metrics = {"epoch": epoch, **means, "lr": self.optimizer.param_groups[0]["lr"],
                            "grad_norm": norm if math.isfinite(norm) else None, "images_per_s": images_per_s,
                            **self.throughput.of(images_per_s),
                            "data_wait_ms": wait.flush_ms(), "skipped_steps": self.guard.skipped}
+                if cfg.schedule.resolution:
+                    metrics["img_size"] = self.img_size(epoch)
                 self.logger.log(self.step, metrics)
                 if "loss" in means:
                     losses.append((self.step, means["loss"]))
