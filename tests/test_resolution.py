@@ -2,6 +2,7 @@
 for (position tables resampled), the loader's views following the epoch's size, a training run that
 switches at an epoch boundary, and resume across the switch."""
 
+import itertools
 import shutil
 
 import pytest
@@ -123,3 +124,25 @@ def test_size_switches_at_the_epoch_boundary_and_resumes_across_it(tiny_config, 
         assert loss == pytest.approx(losses[step], rel=0, abs=1e-6)
     for k, v in load_checkpoint(second.checkpoint)["model"].items():
         torch.testing.assert_close(v, final[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_loader_views_follow_the_phase_in_workers_and_on_the_device(tmp_path, decode):
+    """JPEG and PNG samples (the device path and the worker's), two workers: epoch 0 at 16 px,
+    epoch 1 at 32."""
+    from test_data_sources import write_tar
+    from test_gpu_decode import _encode
+
+    from mimscale.data_pipeline.loader import PretrainLoader
+    from mimscale.data_pipeline.sources.wds import TarShardSource
+    from mimscale.data_pipeline.synthetic import sample_at
+
+    members = []
+    for i in range(8):
+        image = sample_at(0, i, size=48).image
+        data = _encode(image, "PNG") if i % 3 == 0 else _encode(image, quality=90)
+        members.append((f"s{i}", {"png" if i % 3 == 0 else "jpg": data}))
+    loader = PretrainLoader(TarShardSource(write_tar(tmp_path / "mixed.tar", members)), mae_views(32), batch_size=4,
+                            num_workers=2, decode=decode, resolution=[(0, 16), (1, 32)])
+    shapes = [(b["epoch"], tuple(b["images"].shape)) for b in itertools.islice(iter(loader), 4)]
+    assert shapes == [(0, (4, 3, 16, 16))] * 2 + [(1, (4, 3, 32, 32))] * 2
