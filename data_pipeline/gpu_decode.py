@@ -102,10 +102,10 @@ def collate_encoded(samples: list, num_views: int, empty) -> dict:
     return out
 
 
-def decode_batch(batch: dict, specs, device: torch.device) -> tuple[list[torch.Tensor], list[str]]:
+def decode_batch(batch: dict, specs, device: torch.device) -> tuple[list[torch.Tensor], list[tuple[int, str]]]:
     """Pops the encoded part of a worker's batch (``collate_encoded``); returns each view as
-    normalised float32 ``[B, 3, S, S]`` on ``device`` and the messages of the samples that failed to
-    decode here, whose rows (pixels, boxes, flips, sizes, index, labels) now repeat a good one's."""
+    normalised float32 ``[B, 3, S, S]`` on ``device`` and ``(row, reason)`` of each sample that failed
+    to decode here, whose row (pixels, boxes, flips, sizes, index, labels) now repeats a good one's."""
     data, lengths, rows = batch.pop("jpeg"), batch.pop("jpeg_lengths").tolist(), batch.pop("jpeg_rows").tolist()
     worker_rows, worker_views = batch.pop("worker_rows", None), batch.pop("worker_views", None)
     images, bad = _decode(list(torch.split(data, lengths)), [tuple(batch["sizes"][r].tolist()) for r in rows],
@@ -123,10 +123,10 @@ def decode_batch(batch: dict, specs, device: torch.device) -> tuple[list[torch.T
             out.index_copy_(0, _to(worker_rows, device), _to(worker_views[j], device).float())
         views.append(out.clamp_(0, 255).round_().mul_(scale).add_(shift))
     failed = [r for r, img in zip(rows, images) if img is None]
-    messages = [f"sample {int(batch['index'][r])}: {msg}" for r, msg in zip(failed, bad)]
+    reasons = list(zip(failed, bad))
     if failed:
         _stand_in(batch, views, failed)
-    return views, messages
+    return views, reasons
 
 
 def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -10,7 +10,10 @@ of full batches so DDP never hangs. Hence:
 * each sample's augmentation is drawn from a generator seeded by ``(seed, epoch, position)``, so it
   does not depend on which process decodes it or on what was decoded before;
 * a sample that cannot be read or decoded is replaced by a neighbour (the batch stays full),
-  counted, and logged with its shard and key; too many in one epoch stop the run.
+  counted, and logged with its shard, key and the reason in words; too many in one epoch stop the
+  run. The workers send what they skipped with each batch; the consuming process counts it (the
+  count is part of ``state_dict``, so it survives a resume) and keeps the records for whoever
+  writes the run's list (``take_bad_records``).
 
 Workers ship uint8 views and the consumer's side normalises them: a batch crosses processes in
 fresh shared memory that is zeroed and faulted in page by page, which for float32 pixels cost a
@@ -30,6 +33,7 @@ import mmap
 import os
 import random
 import signal
+from collections import deque
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -38,6 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mimscale.errors import UserError
 
+from .bad_samples import BadSample, decode_reason
 from .gpu_decode import Deferred, collate_encoded, decode_batch, defer_views, device_ready
 from .plan import EpochPlan, mix_seed
 from .sources.imagefolder import ImageFolderSource
@@ -46,6 +51,7 @@ from .views import ViewSpec, decode_views, mae_views, normalize_uint8, normalize
 log = logging.getLogger("mimscale.data")
 
 _AUG = 1  # domain tag of augmentation seeds (plan.py uses others)
+_KEPT_RECORDS = 100_000  # bad-sample records held for a consumer that never takes them
 
 
 class BadDataError(UserError, RuntimeError):
@@ -115,14 +121,14 @@ class _Stream(IterableDataset):
 
     def _decode(self, rec, epoch: int, position: int):
         if rec.error is not None:
-            return None, f"{rec.describe()}: {rec.error}"
+            return None, BadSample(rec.where, rec.key, rec.error)
         rng = random.Random(mix_seed(_AUG, self.seed, epoch, int(position)))
         try:
             views = views_at(self.views, self.resolution, epoch)
             deferred = defer_views(rec.data, views, rng, rec.shape) if self.defer else None
             return deferred or decode_views(rec.data, views, rng, rec.shape, self.fast), None
         except Exception as e:  # noqa: BLE001 - any decode failure is a bad sample
-            return None, f"{rec.describe()}: undecodable: {e!r}"
+            return None, BadSample(rec.where, rec.key, decode_reason(rec.data, e))
 
     def _batch(self, records, positions, epoch: int, last_good):
         decoded, bad = [], []
@@ -134,7 +140,7 @@ class _Stream(IterableDataset):
         good = [d for d in decoded if d[1] is not None]
         if not good and last_good is None:
             raise BadDataError("no readable sample to stand in for the bad ones at the start of a "
-                               "worker's share: " + "; ".join(bad))
+                               "worker's share: " + "; ".join(map(str, bad)))
         filled, prev = [], last_good
         for i, item in enumerate(decoded):
             if item[1] is None:  # the previous good sample, else the next one in this batch
@@ -190,10 +196,12 @@ def _shared_uint8(shape) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(new_shared(math.prod(shape)), 0, shape)
 
 
-def _collate(items, num_views: int, bad: list[str]) -> dict:
+def _collate(items, num_views: int, bad: list[BadSample]) -> dict:
     samples = [v for _, v in items]
     pixels = (collate_encoded(samples, num_views, _shared_uint8) if any(isinstance(v, Deferred) for v in samples)
               else {"views": [_uint8_batch([v.images[j] for v in samples]) for j in range(num_views)]})
+    if "jpeg" in pixels:  # a sample the device fails to decode is named by its shard and key
+        pixels["sources"] = [(r.where, r.key) for r, _ in items]
     out = {
         **pixels,
         "boxes": torch.tensor([v.boxes for _, v in items], dtype=torch.float32),
@@ -250,6 +258,7 @@ class PretrainLoader:
         self.steps_per_epoch = self.plan.steps_per_epoch
         self.epoch, self.batch_in_epoch = 0, 0
         self.stats = {"bad_samples": 0, "bad_in_epoch": 0, "last_bad": None}
+        self._bad_records: deque[dict] = deque(maxlen=_KEPT_RECORDS)
         self._generation = 0  # bumped by load_state_dict to restart a live iterator
 
     def _layout(self) -> dict:
@@ -259,7 +268,8 @@ class PretrainLoader:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "seed": self.seed,
-                "bad_in_epoch": self.stats["bad_in_epoch"], **self._layout()}
+                "bad_in_epoch": self.stats["bad_in_epoch"], "bad_samples": self.stats["bad_samples"],
+                **self._layout()}
 
     def load_state_dict(self, sd: dict) -> None:
         if sd["seed"] != self.seed:
@@ -275,6 +285,7 @@ class PretrainLoader:
             raise ValueError(f"batch_in_epoch {batch} outside [0, {self.steps_per_epoch}) for this loader")
         self.epoch, self.batch_in_epoch = epoch, batch
         self.stats["bad_in_epoch"] = int(sd.get("bad_in_epoch", 0)) if batch else 0
+        self.stats["bad_samples"] = int(sd.get("bad_samples", 0))  # this rank's, since the run began
         self._generation += 1
 
     def _batches(self, k0: int) -> Iterator[dict]:
@@ -307,21 +318,31 @@ class PretrainLoader:
         """The worker's batch with its views decoded (``decode=gpu``) or normalised on the device."""
         if "jpeg" not in batch:
             return _normalize_views(batch, self.device)
-        views, bad = decode_batch(batch, views_at(self.views, self.resolution, batch["epoch"]), self.device)
-        self._account(bad)
+        views, failed = decode_batch(batch, views_at(self.views, self.resolution, batch["epoch"]), self.device)
+        sources = batch.pop("sources")
+        self._account([BadSample(*sources[row], reason) for row, reason in failed])
         batch["images"] = views[0]
         if len(views) > 1:
             batch["views"] = views
         return batch
 
-    def _account(self, bad: list[str]) -> None:
+    def take_bad_records(self) -> list[dict]:
+        """The bad samples of the batches yielded since the last call (``rank``, ``epoch``,
+        ``batch``, ``shard``, ``key``, ``reason`` each), handed over once."""
+        out = list(self._bad_records)
+        self._bad_records.clear()
+        return out
+
+    def _account(self, bad: list[BadSample]) -> None:
         if not bad:
             return
-        for msg in bad:
-            log.warning("data: skipped a bad sample, %s", msg)
+        for b in bad:
+            log.warning("data: skipped a bad sample, %s", b)
+            self._bad_records.append({"rank": self.rank, "epoch": self.epoch, "batch": self.batch_in_epoch,
+                                      "shard": b.shard, "key": b.key, "reason": b.reason})
         self.stats["bad_samples"] += len(bad)
         self.stats["bad_in_epoch"] += len(bad)
-        self.stats["last_bad"] = bad[-1]
+        self.stats["last_bad"] = str(bad[-1])
         limit = self.max_bad_fraction * self.plan.per_rank
         if self.stats["bad_in_epoch"] > limit:
             raise BadDataError(

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms import functional as TF
 
+from .pixels import to_rgb
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 try:
@@ -232,8 +233,7 @@ class _Encoded:
                 self._pil = Image.open(io.BytesIO(self.data))
         if scale > 1:
             self._pil.draft("RGB", (self.size[0] // scale, self.size[1] // scale))
-        if self._pil.mode != "RGB":
-            self._pil = self._pil.convert("RGB")
+        self._pil = to_rgb(self._pil)  # 16-bit images scaled, not clipped to white
         return _chw(self._pil)
 
     def pil(self) -> Image.Image:

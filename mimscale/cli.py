@@ -29,7 +29,8 @@ def _cmd_pretrain(args) -> int:
         return _cmd_config_show(args)
     cfg = load_config(args.overrides)
     summary = Trainer(cfg).fit()
-    print(f"done: {summary.steps} steps in {summary.wall_time:.1f}s; checkpoint {summary.checkpoint}")
+    if summary.is_main:  # under torchrun, one line for the run, not one per rank
+        print(summary.describe())
     return 0
 
 
@@ -50,7 +51,9 @@ def _cmd_config_recipes(args) -> int:
 
 
 # Subsystems that add their own subcommands: each module has ``register(subparsers)``, which adds
-# its parsers with ``set_defaults(func=...)``; a handler returns the exit code.
+# its parsers with ``set_defaults(func=...)``; a handler returns the exit code. Every command line
+# imports all of them (and their packages), so they import torch and other heavy modules inside
+# their handlers, never at module level (tests/test_cli_startup.py checks).
 COMMAND_MODULES: list[str] = [
     "mimscale.tools.bench",
     "mimscale.tools.visualize",

@@ -244,8 +244,17 @@ class EngineConfig:
     threads: int | None = _opt(None, "torch intra-op threads per process; null = torch default", ge=1)
     activation_checkpointing: bool = _opt(False, "recompute each transformer block in backward: "
                                           "less activation memory for ~30% more compute")
-    compile: bool = _opt(False, "torch.compile each transformer block (worth it on GPUs; slow to "
-                         "start on CPUs)")
+    compile: bool | str = _opt("auto", "torch.compile each transformer block; auto = on CUDA (+40 % "
+                               "images/s for ViT-L on an H200, docs/performance.md), off on CPUs "
+                               "(slow to start)", choices=(True, False, "auto"))
+    attention: str = _opt("auto", "scaled-dot-product attention kernel: auto = torch's choice, or "
+                          "only the named one (CUDA: flash, cudnn, efficient; math anywhere)",
+                          choices=("auto", "flash", "cudnn", "efficient", "math"))
+    varlen: str = _opt("auto", "how the encoder runs images of unequal visible counts (AMR, multi-shot): "
+                       "packed without padding with per-image attention, nested (SDPA on nested jagged "
+                       "tensors) or flex (FlexAttention; no backward on CPUs); auto = nested, or padded "
+                       "under engine.compile; padded = each batch padded to its largest count",
+                       choices=("auto", "nested", "flex", "padded"))
     cpu_offload: bool = _opt(False, "keep sharded params/grads (fsdp) or optimizer state (deepspeed) "
                              "in CPU memory")
     deepspeed_config: str | None = _opt(None, "JSON file merged over the generated DeepSpeed config")

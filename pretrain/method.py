@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from mimscale.config import score_source
+from mimscale.pretrain.engine.backend import device_of, resolve_compile
 from mimscale.pretrain.masking.multishot import ShotPlan
 from mimscale.pretrain.masking.strategies import MaskingContext, MaskResult, build_strategy
 from mimscale.pretrain.models import MAEOutput, build_mae
@@ -52,7 +53,12 @@ def build_model(cfg) -> nn.Module:
                      norm_pix_loss=cfg.objectives.norm_pix_loss)
     if m.patch_size is not None:
         overrides["patch_size"] = m.patch_size
-    return build_mae(m.name, **overrides)
+    model = build_mae(m.name, **overrides)
+    varlen = cfg.engine.varlen
+    if varlen == "auto":  # per-block compile would recompile at every packed length
+        varlen = "padded" if resolve_compile(cfg.engine.compile, device_of(cfg.engine.device)) else "nested"
+    model.varlen = varlen
+    return model
 
 
 def _teacher_depth(cfg, depth: int) -> int:
@@ -186,7 +192,8 @@ class MIMMethod(nn.Module):
         if self.cc.weight > 0:
             h_v = self.cc_projector(out.latent[:, 0])
             with torch.no_grad():  # the masked set through the encoder, without gradient
-                h_m = self.cc_projector(self.student.encode(images, ~masked.mask).latent[:, 0])
+                shown = None if masked.visible is None else masked.mask.shape[1] - masked.visible
+                h_m = self.cc_projector(self.student.encode(images, ~masked.mask, visible=shown).latent[:, 0])
             if self.cc.variant == "nce":
                 term = ccmim_nce(h_v, h_m, self.cc.tau)
             elif self.cc.variant == "code":

@@ -18,6 +18,8 @@ INSTALL = {
     "pycocotools": "pip install -e '.[test]' (or '.[dense]')",
     "scipy": "pip install -e '.[test]' (or '.[classify]')",
     "simplejpeg": "pip install -e '.[test]' (or '.[simplejpeg]')",
+    "webdataset": "pip install -e '.[test]' (or pip install webdataset)",
+    "wids": "pip install -e '.[test]' (or pip install wids)",
 }
 for _m in ("mmengine", "mmcv", "mmdet", "mmseg"):
     INSTALL[_m] = "pip install -e '.[test]' (or '.[openmmlab]')"

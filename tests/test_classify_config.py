@@ -5,7 +5,7 @@ import torch
 
 from mimscale.cli import build_parser, main
 from mimscale.config import ConfigError
-from mimscale.downstream.classify.cli import _COMMANDS
+from mimscale.downstream.classify.cli import config_class
 from mimscale.downstream.classify.config import (
     FinetuneConfig,
     KNNRunConfig,
@@ -128,7 +128,7 @@ def test_standard_sweep_expands_to_valid_commands(tiny_pth, tmp_path):
     parser = build_parser()
     for job in jobs:
         args = parser.parse_args(job.argv)
-        cfg = load_classify_config(_COMMANDS[job.argv[0]][0], args.overrides)
+        cfg = load_classify_config(config_class(job.argv[0]), args.overrides)
         assert cfg.output.dir == f"{tmp_path}/{job.name}" and cfg.checkpoint == str(tiny_pth)
     assert "data.root=/datasets/flowers102" in next(j for j in jobs if j.name == "transfer_small_flowers102").argv
     with pytest.raises(ValueError, match=r"\{checkpoint\} has no value"):

@@ -72,3 +72,16 @@ def test_errors_name_what_is_wrong(checkpoint, tmp_path, capsys):
     assert main(["convert", str(half), "--out", str(tmp_path / "x")]) == 2
     assert "incomplete" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_help_describes_every_target(capsys):
+    from mimscale.cli import build_parser
+
+    convert = next(a for a in build_parser()._subparsers._group_actions).choices["convert"]
+    for target in ("timm", "mmdet", "mmseg"):
+        assert target in convert.description
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    out_help = text.split("--out OUT")[-1].split("--from")[0]  # what --out is for each target
+    assert "--to timm" in out_help and "--to mmdet / mmseg" in out_help

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 from extras import need
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
+from mimscale.data_pipeline.bad_samples import decode_reason
 from mimscale.data_pipeline.loader import BadDataError, PretrainLoader, build_pretrain_loader
 from mimscale.data_pipeline.sources.imagefolder import ImageFolderSource
 from mimscale.data_pipeline.sources.wds import TarShardSource
@@ -156,6 +157,13 @@ def _png(value: int) -> bytes:
     return buf.getvalue()
 
 
+# why each damaged sample of ``_damage`` is skipped, in words (bit rot in a .beton: whatever it became)
+REASONS = {"imagefolder": {1: "not an image (unrecognised format; it begins b'garbagegarba')", 4: "zero-byte file",
+                           6: "truncated PNG", 9: "PNG whose header cannot be read (truncated or damaged)"},
+           "wds": {2: "not an image (unrecognised format; it begins b'not an image')", 5: "missing key",
+                   7: "zero-byte image member", 10: "truncated PNG"}}
+
+
 def _damage(kind: str, folder):
     """A source of 12 samples, 4 of them bad; returns it with ``{id: (where, key)}`` of the bad ones."""
     if kind == "imagefolder":
@@ -199,11 +207,47 @@ def test_bad_samples_are_skipped_counted_and_logged(kind, workers, tmp_path, cap
     for b in batches:
         assert b["images"].shape[0] == 4 and torch.isfinite(b["images"]).all()
         assert not set(b["index"].tolist()) & set(bad)  # stand-ins are good neighbours
-    for where, key in bad.values():
-        assert f"{where} key {key}" in caplog.text
+    for i, (where, key) in bad.items():
+        assert f"{where} key {key}: {REASONS.get(kind, {}).get(i, '')}" in caplog.text
+    assert " at 0x" not in caplog.text  # no object reprs: the reason is said in words
+    records = ld.take_bad_records()  # what the run's list gets: each bad sample once per epoch
+    assert ld.take_bad_records() == [] and len(records) == 2 * len(bad)
+    assert sorted((r["epoch"], r["shard"], r["key"]) for r in records) == sorted(
+        (e, where, key) for e in range(2) for where, key in bad.values())
+    assert all(r["rank"] == 0 and 0 <= r["batch"] < 3 and r["reason"] for r in records)
     for e in range(2):
         seen = torch.cat([b["index"] for b in batches if b["epoch"] == e]).tolist()
         assert set(range(12)) - set(bad) <= set(seen)
+
+
+def test_the_bad_sample_count_survives_a_resume(tmp_path):
+    """The count is part of the loader's state: a loader resumed mid-run goes on counting from it."""
+    src, bad = _damage("wds", tmp_path)
+    whole = PretrainLoader(src, mae_views(IMG), batch_size=4, max_bad_fraction=0.5)
+    take(whole, 6)
+    first = PretrainLoader(src, mae_views(IMG), batch_size=4, max_bad_fraction=0.5)
+    take(first, 4)
+    state = first.state_dict()
+    assert 0 < state["bad_samples"] == first.stats["bad_samples"] < 2 * len(bad)
+    second = PretrainLoader(src, mae_views(IMG), batch_size=4, max_bad_fraction=0.5)
+    second.load_state_dict(state)
+    take(second, 2)
+    assert second.stats["bad_samples"] == whole.stats["bad_samples"] == 2 * len(bad)
+
+
+@pytest.mark.parametrize("data,error,reason", [
+    (b"", OSError("x"), "empty file"),
+    (b"<html>oops</html>", UnidentifiedImageError("cannot identify image file <_io.BytesIO object at 0x7f00>"),
+     "not an image (unrecognised format; it begins b'<html>oops</')"),
+    (b"\xff\xd8\xff\xe0" + bytes(8), UnidentifiedImageError("cannot identify image file <_io.BytesIO object at 0x7f00>"),
+     "JPEG whose header cannot be read (truncated or damaged)"),
+    (b"\xff\xd8\xff\xe0" + bytes(99), OSError("image file is truncated (8 bytes not processed)"), "truncated JPEG"),
+    (b"RIFF\0\0\0\0WEBPVP8 ", OSError("broken data stream when reading image file"),
+     "damaged WebP (broken data stream when reading image file)"),
+    (b"\x89PNG\r\n\x1a\n", SyntaxError("broken PNG file"), "damaged PNG (broken PNG file)"),
+])
+def test_decode_failures_are_said_in_words(data, error, reason):
+    assert decode_reason(data, error) == reason
 
 
 def test_too_many_bad_samples_stop_the_run(tmp_path):

@@ -10,8 +10,14 @@ import torch
 from distributed_utils import one_thread  # noqa: F401  (autouse fixture)
 
 from mimscale.config import ConfigError
-from mimscale.pretrain.engine.backend import DDPBackend, DistEnv
+from mimscale.pretrain.engine.backend import (
+    DDPBackend,
+    DistEnv,
+    resolve_compile,
+    use_attention_kernel,
+)
 from mimscale.pretrain.engine.blocks import compile_blocks, transformer_blocks
+from mimscale.pretrain.engine.memory import read_reports
 from mimscale.pretrain.engine.rng import seed_everything, step_generator
 from mimscale.pretrain.engine.trainer import Trainer
 from mimscale.pretrain.engine.zero import DeepSpeedBackend
@@ -68,7 +74,7 @@ def test_memory_report_counts_what_one_process_holds(tiny_config, tmp_path):
     # AdamW: two fp32 moments per trainable parameter, plus one 4-byte step counter per tensor
     assert report.optimizer == 2 * nbytes(trainable) + 4 * len(trainable)
     assert report.peak_rss > report.states and report.peak_cuda is None
-    saved = json.loads((tmp_path / "run" / "memory.json").read_text())
+    (saved,) = read_reports(tmp_path / "run" / "memory.json")
     assert saved["backend"] == "ddp" and saved["step"] == 2 and saved["ranks"][0]["states"] == report.states
 
 
@@ -84,6 +90,42 @@ def test_memory_report_counts_what_one_process_holds(tiny_config, tmp_path):
 def test_bad_engine_settings_are_named(tiny_config, override, message):
     with pytest.raises(ConfigError, match=message):
         tiny_config(override)
+
+
+def test_compile_auto_compiles_on_cuda_only(tiny_config):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_compile("auto", cuda) and not resolve_compile("auto", cpu)
+    assert resolve_compile(True, cpu) and not resolve_compile(False, cuda)
+    assert tiny_config().engine.compile == "auto" and tiny_config("engine.compile=true").engine.compile is True
+    with pytest.raises(ConfigError, match="valid: True, False, auto"):
+        tiny_config("engine.compile=yes")
+    assert Trainer(tiny_config("engine.device=cpu")).backend.compile is False
+
+
+@pytest.fixture
+def sdpa_switches():
+    """Restores torch's process-wide SDPA switches that ``use_attention_kernel`` sets."""
+    names = ("flash", "mem_efficient", "cudnn", "math")
+    saved = {n: getattr(torch.backends.cuda, f"{n}_sdp_enabled")() for n in names}
+    yield
+    for n, on in saved.items():
+        getattr(torch.backends.cuda, f"enable_{n}_sdp")(on)
+
+
+def test_attention_kernel_is_the_one_named(tiny_config, sdpa_switches):
+    cuda_only = "engine.attention=flash"
+    with pytest.raises(ConfigError, match="engine.attention=flash is a CUDA kernel"):
+        Trainer(tiny_config(cuda_only, "engine.device=cpu"))
+    with pytest.raises(ConfigError, match="valid: auto, flash, cudnn, efficient, math"):
+        tiny_config("engine.attention=xformers")
+    use_attention_kernel("auto", torch.device("cpu"))  # auto touches nothing
+    assert torch.backends.cuda.flash_sdp_enabled()
+    q = torch.randn(2, 2, 5, 8)
+    fused = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    use_attention_kernel("math", torch.device("cpu"))
+    assert torch.backends.cuda.math_sdp_enabled() and not any(
+        getattr(torch.backends.cuda, f"{n}_sdp_enabled")() for n in ("flash", "mem_efficient", "cudnn"))
+    torch.testing.assert_close(torch.nn.functional.scaled_dot_product_attention(q, q, q), fused)
 
 
 def test_cpu_offload_on_a_cpu_device_is_refused(tiny_config):

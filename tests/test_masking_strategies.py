@@ -198,8 +198,10 @@ def test_multishot_token_counts_union_target_and_weights():
                "masking.loss_weights=ratio").train()
     seen = []
     for j in (3, 4, 8, 9):
-        m.student.blocks[j].register_forward_pre_hook(lambda mod, args, kw, j=j: seen.append((j, args[0].shape[1])),
-                                                      with_kwargs=True)
+        # tokens per image: [B, T, D] padded, or packed [B·T, D] (engine.varlen)
+        m.student.blocks[j].register_forward_pre_hook(
+            lambda mod, args, kw, j=j: seen.append((j, args[0].shape[1] if args[0].dim() == 3 else args[0].shape[0] // 2)),
+            with_kwargs=True)
     images = torch.randn(2, 3, 64, 64)
     out = m(images, torch.Generator().manual_seed(0))
     k1 = 64 - 48                      # 16 visible after the input shot

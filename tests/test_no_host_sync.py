@@ -135,3 +135,27 @@ def test_a_skipped_step_changes_no_parameter_nor_adamw_state(clip):
     assert torch.isfinite(backend.step(clip))
     assert all(float(s["step"]) == 2 for s in backend.optimizer.state.values())
     assert not torch.equal(next(backend.module.parameters()), before[0])
+
+
+@pytest.mark.parametrize(("overrides", "allowed"), [
+    (["masking.strategy=gpa", "teacher.type=ema", "masking.gpa.head=mean"], 0),
+    (["masking.strategy=sbam"], 0),
+    (["recipe=ccmim"], 0),  # its masked-set pass too
+    (["masking.shots=[{layer: 0.5, ratio: 0.5, guide: gpa}]"], 0),  # shot counts follow on the host
+    (["masking.strategy=sbam_amr"], 1),  # per-image counts: read once, to size the packed batch
+])
+def test_guided_masking_reads_the_host_only_for_ragged_counts(tiny_config, monkeypatch, overrides, allowed):
+    """Score, select, gather and scatter of one training forward and backward (mask included): with a
+    fixed ratio nothing is read on the host; AMR reads its per-image counts once."""
+    from mimscale.pretrain.method import MIMMethod
+
+    torch.manual_seed(0)
+    method = MIMMethod(tiny_config(*overrides)).train()
+    images = torch.randn(4, 3, 32, 32)
+    reads = HostReads()
+    for name in READS:
+        reads.wrap(monkeypatch, name)
+    reads.active = True
+    method(images, torch.Generator().manual_seed(0)).loss.backward()
+    reads.active = False
+    assert len(reads.between) == allowed, reads.between

@@ -1,12 +1,11 @@
 """The OpenMMLab plugin: shipped configs build Mask R-CNN (mmdet) and UperNet (mmseg) on the
 mimscale adapter, load a `mimscale convert` checkpoint strictly, and train a step on generated data.
 
-CI installs mmcv-lite, which has no compiled ops; ``mmcv_ops_stub`` supplies RoIAlign / NMS from
-torchvision for these tests only.
+CI installs the extra as declared (mmcv-lite, no compiled ops), so these run on the plugin's own
+torchvision kernels, as a user's would.
 """
 
 import dense_support
-import mmcv_ops_stub
 import pytest
 import torch
 from extras import need
@@ -30,7 +29,6 @@ CONFIGS = {
 def openmmlab():
     for module in ("mmengine", "mmcv", "mmdet", "mmseg"):
         need(module)
-    mmcv_ops_stub.install()
     import mimscale.downstream.openmmlab as plugin
 
     return plugin
@@ -92,13 +90,34 @@ def test_convert_writes_the_file_mimvit_loads_strictly(openmmlab, tiny_mae_check
         openmmlab.convert_to_openmmlab(tiny_mae_checkpoint, "mmpose", tmp_path / "x.pth")
 
 
+@pytest.fixture
+def kernel_calls(openmmlab, monkeypatch):
+    """Counts calls of the plugin's torchvision kernels (the ones mmcv-lite runs on)."""
+    from mimscale.downstream.openmmlab.torchvision_ops import SUPPLIED, TorchvisionKernels
+
+    calls = dict.fromkeys(SUPPLIED, 0)
+
+    def counting(name):
+        real = getattr(TorchvisionKernels, name)
+
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        return staticmethod(counted)
+
+    for name in SUPPLIED:
+        monkeypatch.setattr(TorchvisionKernels, name, counting(name))
+    return calls
+
+
 def _tiny_vit(cfg, checkpoint, size):
     cfg.model.backbone.update(arch="mae_vit_tiny_patch16", patch_size=8, img_size=size,
                               init_cfg=dict(type="Pretrained", checkpoint=str(checkpoint)))
 
 
 def test_mask_rcnn_from_the_shipped_config_trains_on_generated_coco(openmmlab, tiny_mae_checkpoint,
-                                                                   synthetic_coco, tmp_path):
+                                                                   synthetic_coco, tmp_path, kernel_calls):
     from mmengine.dataset import pseudo_collate
     from mmengine.optim import build_optim_wrapper
     from mmengine.registry import init_default_scope
@@ -148,6 +167,8 @@ def test_mask_rcnn_from_the_shipped_config_trains_on_generated_coco(openmmlab, t
     val_cfg.pipeline[1].scale = size
     out = model.val_step(pseudo_collate([DATASETS.build(val_cfg)[0]]))
     assert out[0].pred_instances.bboxes.shape[-1] == 4
+    if openmmlab.TORCHVISION_OPS:  # CI: the declared extra, so the step ran on the plugin's kernels
+        assert all(kernel_calls.values()), kernel_calls
 
 
 def test_upernet_from_the_shipped_config_trains_on_generated_ade20k(openmmlab, tiny_mae_checkpoint,

@@ -188,6 +188,7 @@ def test_sigterm_on_one_rank_checkpoints_both_and_resume_continues_exactly(tmp_p
                                    "resume=auto"]))
     assert code == 0, out[-3000:]
     assert f"resumed at step {stopped_at}" in out
+    assert out.count("done: ") == 1 and f"(resumed at step {stopped_at})" in out  # rank 0's last line
     plb = [json.loads(line)["plb_p_0"] for line in (reference / "metrics.jsonl").read_text().splitlines()]
     assert plb[5] == pytest.approx(1 / 3) and plb[6] != pytest.approx(1 / 3)  # PLB moved after epoch 1
     expected, got = _losses(reference / "metrics.jsonl"), _losses(run / "metrics.jsonl")

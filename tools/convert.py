@@ -1,22 +1,26 @@
-"""``mimscale convert``: sharded checkpoints to one plain checkpoint, and encoders to timm.
+"""``mimscale convert``: sharded checkpoints to one plain checkpoint, and encoders to timm, mmdet or mmseg.
 
     mimscale convert runs/x/checkpoints/step_00010000 --out plain/step_00010000          # fsdp / deepspeed -> full
     mimscale convert runs/x/checkpoints/step_00010000 --to timm --out vit_l.safetensors  # + vit_l.teacher.safetensors
+    mimscale convert runs/x/checkpoints/step_00010000 --to mmseg --out checkpoints/mimscale_vit-l_mmseg.pth
 
 A plain (``full``) checkpoint holds the model, optimizer (fsdp; DeepSpeed's optimizer state stays in
 its own files) and run state in one ``state.pt``: ``load_checkpoint`` reads it without
 torch.distributed or DeepSpeed, and any backend can resume from it (deepspeed-written ones without
 optimizer state excepted). The timm export is the student encoder under timm ``VisionTransformer``
-keys; a teacher, when the run had one, is written next to it.
+keys; a teacher, when the run had one, is written next to it. The mmdet / mmseg export is the
+encoder as the backbone file the shipped OpenMMLab configs load (docs/dense.md).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from mimscale.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 SOURCES = {"auto": None, "full": "full", "ddp": "full", "fsdp": "dcp", "deepspeed": "deepspeed"}
 
@@ -50,6 +54,8 @@ def to_plain_checkpoint(state: dict, out: Path) -> list[Path]:
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, fmt: str) -> Path:
+    import torch
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     if fmt == "safetensors":
@@ -125,13 +131,16 @@ def run(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("convert", help="consolidate sharded checkpoints; export encoders to timm",
+    p = sub.add_parser("convert", help="consolidate sharded checkpoints; export encoders to timm, mmdet or mmseg",
                        description="Consolidate an fsdp (DCP) or deepspeed checkpoint into one plain "
-                                   "checkpoint, or export the student encoder (and teacher) to timm.")
+                                   "checkpoint, export the student encoder (and teacher) to timm, or write "
+                                   "the encoder as the backbone file of the shipped mmdet (Mask R-CNN) or "
+                                   "mmseg (UperNet) configs, its position table resized to their input size.")
     p.add_argument("checkpoint", help="a checkpoint folder (runs/<name>/checkpoints/step_XXXXXXXX) or a "
                                       "run folder (its newest complete checkpoint)")
     p.add_argument("--out", required=True, help="output folder (--to checkpoint) or file (--to timm: "
-                                                ".safetensors, .pth or .pt)")
+                                                ".safetensors, .pth or .pt; --to mmdet / mmseg: the .pth "
+                                                "that the config's init_cfg names)")
     p.add_argument("--from", dest="source", choices=list(SOURCES), default="auto",
                    help="the backend that wrote the checkpoint; auto reads it from the checkpoint")
     p.add_argument("--to", choices=list(TARGETS), default="checkpoint",

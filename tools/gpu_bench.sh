@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# GPU step benchmark: `mimscale bench step` for MAE ViT-B/16 and ViT-L/16 at 224 px in bf16, from
-# memory (pure compute, batch sweeps), and ViT-B from generated JPEG shards through the real loader.
-# Also `bench masking` at ViT-L. Writes one JSON and one log per run under $OUT (default
-# ./gpu_bench_out); about 9 minutes on one H200 (7 before the GPU-decode bench and tests). Assumes
-# `python -m mimscale` works (mimscale and its dependencies installed).
+# The GPU checks of one device session, in order of value, each time-limited so that one failure
+# does not stop the rest (about 8 minutes on one H200; every limit below sums to under 10):
+#   1. the CUDA cases of the tests (no host sync under torch's sync debug mode; nvJPEG decode
+#      against the worker path; packed == per-image);
+#   2. `mimscale bench step` for MAE ViT-L/16 at 224 px in bf16 from memory with the defaults
+#      (engine.compile=auto: compiled on CUDA) at batch 128 and 256, with a profile;
+#   3. the SDPA kernels (engine.attention) and compile on/off, ViT-B from memory;
+#   4. ViT-B from generated JPEG shards through the real loader, decoded in the workers
+#      (data.decode=cpu) and by nvJPEG (data.decode=gpu), and at a low-resolution phase size;
+#   5. `bench masking` at ViT-L: every strategy, the score-cache and packed rows.
+# Writes one JSON and one log per run under $OUT (default ./gpu_bench_out). Assumes `python -m
+# mimscale` works (mimscale and its dependencies installed).
 #
 #   OUT=/path/to/results bash tools/gpu_bench.sh
 #   MIMSCALE_BENCH_DRY=1 bash tools/gpu_bench.sh   # the same runs with a tiny model on the CPU (checks the script)
@@ -20,15 +27,22 @@ if [ -n "${MIMSCALE_BENCH_DRY:-}" ]; then
   MODEL_B=(model.name=mae_vit_tiny_patch16 model.img_size=32 model.patch_size=8 model.decoder_embed_dim=32
            model.decoder_depth=1 model.decoder_num_heads=2)
   MODEL_L=("${MODEL_B[@]}")
+  LOWRES=(model.img_size=16)
   ENGINE=(engine.precision=fp32 engine.device=cpu)
-  BATCH_B=4,8 BATCH_L=4 BATCH_REAL=8 WARMUP=1 STEPS=2 IMAGES=64 SIDE=96 WORKERS=2 LIMIT=300
-  MASK_ARGS=(--model mae_vit_tiny_patch16 --img-size 32 --batch 4 --rounds 1 --device cpu --rows gpa,sbam)
+  KERNELS=(math)
+  BATCH_B=8 BATCH_L=4,8 BATCH_REAL=8 WARMUP=1 STEPS=2 IMAGES=64 SIDE=96 WORKERS=2 LIMIT=300
+  MASK_ARGS=(--model mae_vit_tiny_patch16 --img-size 32 --batch 4 --rounds 1 --device cpu
+             --rows "gpa,sbam_amr,cmae_2shot")
+  TESTS=(-k "cpu and not cuda")
 else
   MODEL_B=(model.name=mae_vit_base_patch16 model.img_size=224)
   MODEL_L=(model.name=mae_vit_large_patch16 model.img_size=224)
+  LOWRES=(model.img_size=160)
   ENGINE=(engine.precision=bf16 engine.device=cuda)
-  BATCH_B=64,128,256 BATCH_L=64,128 BATCH_REAL=128 WARMUP=5 STEPS=30 IMAGES=3072 SIDE=384 WORKERS=14 LIMIT=90
-  MASK_ARGS=(--model mae_vit_large_patch16 --img-size 224 --batch 32 --precision bf16 --rounds 6)
+  KERNELS=(auto flash efficient)
+  BATCH_B=256 BATCH_L=128,256 BATCH_REAL=256 WARMUP=5 STEPS=25 IMAGES=4096 SIDE=384 WORKERS=15 LIMIT=75
+  MASK_ARGS=(--model mae_vit_large_patch16 --img-size 224 --batch 32 --precision bf16 --rounds 4)
+  TESTS=(-k cuda)
 fi
 
 # run NAME TIMEOUT_S ARGS...: one logged, time-limited command; a failure does not stop the others
@@ -54,22 +68,30 @@ bench() {  # bench NAME TIMEOUT_S ARGS...: `mimscale bench step` writing $OUT/NA
     --warmup "$WARMUP" --steps "$STEPS" --json "$OUT/$name.json"
 }
 
-bench vitb_memory "$LIMIT" "${MODEL_B[@]}" --batch "$BATCH_B"
-bench vitl_memory "$LIMIT" "${MODEL_L[@]}" --batch "$BATCH_L" --profile "$OUT/vitl_memory.profile.txt"
+# 1. the tests' CUDA cases (they are collected only where CUDA exists)
+run tests 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_no_host_sync.py tests/test_gpu_decode.py \
+  tests/test_packed.py "${TESTS[@]}"
 
+# 2. ViT-L with the defaults (compiled on CUDA): the MFU figure, and what holds it back
+bench vitl_memory "$((LIMIT + 45))" "${MODEL_L[@]}" --batch "$BATCH_L" --profile "$OUT/vitl_memory.profile.txt"
+
+# 3. the measured defaults: SDPA kernel (uncompiled, so the kernel is all that differs), compile
+for k in "${KERNELS[@]}"; do
+  bench "vitb_attn_$k" 40 "${MODEL_B[@]}" engine.compile=false "engine.attention=$k" --batch "$BATCH_B"
+done
+bench vitb_memory "$LIMIT" "${MODEL_B[@]}" --batch "$BATCH_B"
+
+# 4. from JPEG shards through the real loader: decoded in the workers, then by nvJPEG
 run write_shards 60 "$PYTHON" -m mimscale shards write --synthetic "$IMAGES" --synthetic-size "$SIDE" \
   --quality 90 --workers "$WORKERS" --no-progress "$WORK/shards"
-bench vitb_real "$LIMIT" "${MODEL_B[@]}" data.source=wds "data.urls=$WORK/shards/index.json" \
-  "data.num_workers=$WORKERS" data.decode=cpu --data real --batch "$BATCH_REAL" --profile "$OUT/vitb_real.profile.txt"
-# the same JPEG shards decoded by nvJPEG in the training process (data.decode=gpu)
-bench vitb_real_gpu_decode "$LIMIT" "${MODEL_B[@]}" data.source=wds "data.urls=$WORK/shards/index.json" \
-  "data.num_workers=$WORKERS" data.decode=gpu --data real --batch "$BATCH_REAL" \
+SHARDS=(data.source=wds "data.urls=$WORK/shards/index.json" "data.num_workers=$WORKERS" --data real)
+bench vitb_real_cpu_decode "$LIMIT" "${MODEL_B[@]}" "${SHARDS[@]}" data.decode=cpu --batch "$BATCH_REAL"
+bench vitb_real_gpu_decode "$LIMIT" "${MODEL_B[@]}" "${SHARDS[@]}" data.decode=gpu --batch "$BATCH_REAL" \
   --profile "$OUT/vitb_real_gpu_decode.profile.txt"
-# the device decode against the worker's on this machine's GPU (nvJPEG pixels, geometry, no host sync)
-[ -d tests ] && run gpu_decode_tests 240 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_gpu_decode.py
-# every masking strategy's cost against MAE: FLOP ratio, time ratio, overhead (ViT-L, as the papers)
-run masking "$((LIMIT + 90))" "$PYTHON" -m mimscale bench masking "${MASK_ARGS[@]}" --json "$OUT/masking.json"
-# last, as its compile time is the least known: torch.compile of every block
-bench vitl_compiled "$((LIMIT + 90))" "${MODEL_L[@]}" engine.compile=true --batch "$BATCH_L"
+# a low-resolution phase's step (schedule.resolution), images decoded by nvJPEG
+bench vitb_real_lowres "$LIMIT" "${MODEL_B[@]}" "${LOWRES[@]}" "${SHARDS[@]}" data.decode=gpu --batch "$BATCH_REAL"
+
+# 5. every masking strategy's cost against MAE: FLOP ratio, time ratio, overhead (ViT-L, as the papers)
+run masking 150 "$PYTHON" -m mimscale bench masking "${MASK_ARGS[@]}" --json "$OUT/masking.json"
 
 echo "results in $OUT:"; ls -l "$OUT"

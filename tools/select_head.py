@@ -8,14 +8,12 @@ per-image recalls. The best pair is what ``masking.gpa.block`` / ``masking.gpa.h
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-import torch
-
-from mimscale.pretrain.masking import functional as F
-from mimscale.pretrain.masking.scoring import input_tokens
-from mimscale.pretrain.masking.selectors import masked_counts, topk_mask
-
-from .common import config_for, load_student_weights, synthetic_with_foreground
+if TYPE_CHECKING:
+    import torch
+# torch and the masking code are imported inside the functions: building the command line imports
+# this module, and ``mimscale --help`` should not load torch
 
 
 def register(sub) -> None:
@@ -31,32 +29,40 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-@torch.no_grad()
 def head_recalls(encoder, images: torch.Tensor, fg: torch.Tensor, ratio: float, pooling: str = "pooled",
                  queries: str = "patches") -> torch.Tensor:
     """``[blocks, heads]`` recall of the foreground by the top-GPA mask of each head."""
-    counts = masked_counts(fg.shape[1], ratio, fg.shape[0])
-    x = torch.cat([(encoder.cls_token + encoder.pos_embed[:, :1]).expand(images.shape[0], -1, -1),
-                   input_tokens(encoder, images)], dim=1)
-    rows = []
-    for blk in encoder.blocks:  # one pass: each block's q, k on its own input
-        q, k = blk.attn.qk(blk.norm1(x))
-        g = F.global_patch_attention(q, k, queries)               # [B, h, N]
-        hits = []
-        for h in range(g.shape[1]):
-            m = topk_mask(g[:, h], counts)
-            if pooling == "pooled":
-                hits.append((m & fg).sum() / fg.sum().clamp_min(1))
-            else:
-                per = (m & fg).sum(1) / fg.sum(1).clamp_min(1)
-                hits.append(per[fg.any(1)].mean())
-        rows.append(torch.stack(hits))
-        x = blk(x)
-    return torch.stack(rows).float()
+    import torch
+
+    from mimscale.pretrain.masking import functional as F
+    from mimscale.pretrain.masking.scoring import input_tokens
+    from mimscale.pretrain.masking.selectors import masked_counts, topk_mask
+
+    with torch.no_grad():
+        counts = masked_counts(fg.shape[1], ratio, fg.shape[0])
+        x = torch.cat([(encoder.cls_token + encoder.pos_embed[:, :1]).expand(images.shape[0], -1, -1),
+                       input_tokens(encoder, images)], dim=1)
+        rows = []
+        for blk in encoder.blocks:  # one pass: each block's q, k on its own input
+            q, k = blk.attn.qk(blk.norm1(x))
+            g = F.global_patch_attention(q, k, queries)               # [B, h, N]
+            hits = []
+            for h in range(g.shape[1]):
+                m = topk_mask(g[:, h], counts)
+                if pooling == "pooled":
+                    hits.append((m & fg).sum() / fg.sum().clamp_min(1))
+                else:
+                    per = (m & fg).sum(1) / fg.sum(1).clamp_min(1)
+                    hits.append(per[fg.any(1)].mean())
+            rows.append(torch.stack(hits))
+            x = blk(x)
+        return torch.stack(rows).float()
 
 
 def run(args: argparse.Namespace) -> int:
     from mimscale.pretrain.method import build_model
+
+    from .common import config_for, load_student_weights, synthetic_with_foreground
 
     cfg = config_for(args.checkpoint, args.overrides)
     model = build_model(cfg).eval()

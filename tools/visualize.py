@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from mimscale.config import STRATEGIES, apply_overrides
 from mimscale.errors import UserError
 
-from .common import config_for, load_student_weights, synthetic_with_foreground
+if TYPE_CHECKING:
+    import torch
+# torch, .common and the models are imported inside the functions: building the command line
+# imports this module, and ``mimscale --help`` should not load torch
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,17 +39,20 @@ def register(sub) -> None:
 
 
 def _load_images(folder: str | None, num: int, size: int, patch: int, seed: int) -> torch.Tensor:
+    import torch
+
+    from .common import synthetic_with_foreground
+
     if folder is None:
         return synthetic_with_foreground(num, size, patch, seed)[0]
-    from PIL import Image
-
+    from mimscale.data_pipeline.pixels import load_rgb
     from mimscale.data_pipeline.transforms import eval_transform
 
     paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
     if not paths:
         raise FileNotFoundError(f"no images under {folder}")
     tf = eval_transform(size)
-    return torch.stack([tf(Image.open(p).convert("RGB")) for p in paths[:num]])
+    return torch.stack([tf(load_rgb(p)) for p in paths[:num]])
 
 
 def strategy_methods(base_cfg, names: list[str], checkpoint: str | None):
@@ -56,6 +61,8 @@ def strategy_methods(base_cfg, names: list[str], checkpoint: str | None):
     from mimscale.pretrain.method import MIMMethod
     from mimscale.pretrain.models import MODEL_SIZES
     from mimscale.pretrain.teacher import TeacherEncoder
+
+    from .common import load_student_weights
 
     size = MODEL_SIZES[base_cfg.model.name]
     out = {}
@@ -78,14 +85,23 @@ def strategy_methods(base_cfg, names: list[str], checkpoint: str | None):
     return out
 
 
-@torch.no_grad()
 def run(args) -> int:
+    import torch
+
+    with torch.no_grad():
+        return _draw(args)
+
+
+def _draw(args) -> int:
     import matplotlib
+    import torch
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from mimscale.data_pipeline.transforms import denormalize
+
+    from .common import config_for
 
     cfg = config_for(args.checkpoint, args.overrides)
     names = [s.strip() for s in args.strategies.split(",") if s.strip()]

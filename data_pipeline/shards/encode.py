@@ -13,6 +13,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from ..pixels import to_rgb
+
 EXT_OF_FORMAT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "PPM": "ppm"}
 
 
@@ -24,7 +26,7 @@ def decode_rgb(data: bytes, max_side: int | None = None) -> Image.Image:
         if scale < 1:
             im.draft("RGB", (int(im.width * scale) + 1, int(im.height * scale) + 1))
     im.load()
-    return im.convert("RGB") if im.mode != "RGB" else im
+    return to_rgb(im)
 
 
 def check_decodable(data: bytes) -> str:

@@ -4,7 +4,7 @@ A sample ``<key>`` is ``<key>.<ext>`` (the image), ``<key>.cls`` (its label, whe
 ``<key>.json`` (where it came from, or its generated objects). Shards ``<prefix>-000000.tar``, ...
 are at most ``max_bytes`` (a single larger sample gets a shard of its own) and ``max_count``
 samples. ``index.json`` lists every finished shard with its sample count and byte size (the
-webdataset indexed-dataset format), plus the job's parameters and how far it got; next to each
+``wids`` package's shard index format), plus the job's parameters and how far it got; next to each
 shard, ``<shard>.members.json`` records where each image starts (see ``sources/wds.py``).
 
 Resumable: a shard is written under a temporary name and renamed when complete, and the index is
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ..sources.wds import (
     INDEX_NAME,
+    compression,
     count_samples,
     index_document,
     resolve_urls,
@@ -182,6 +183,8 @@ def index_shards(urls, out: str | os.PathLike, allow_pipe: bool = False) -> Path
         url = s if s.startswith("pipe:") else os.path.relpath(os.path.abspath(s), out.parent.resolve())
         if s.startswith("pipe:"):
             entry = {"url": url, "nsamples": count_samples(s)}
+        elif compression(s):  # .tar.gz and the like: counted; no member table (nothing to seek)
+            entry = {"url": url, "nsamples": count_samples(s), "filesize": os.path.getsize(s)}
         else:  # the member table gives the count and lets readers seek straight to the images
             entry = {"url": url, "nsamples": len(json.loads(write_member_table(s).read_text())["samples"]),
                      "filesize": os.path.getsize(s)}

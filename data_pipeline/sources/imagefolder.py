@@ -14,6 +14,7 @@ from PIL import Image
 
 from mimscale.errors import UserError
 
+from ..pixels import load_rgb
 from .base import Record, check_ids
 
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -53,10 +54,9 @@ class ImageFolderSource:
         return self.samples[i][0]
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
-        """Decode fully here (``convert`` forces it) so corrupt files fail at this call."""
+        """Decode fully here so corrupt files fail at this call."""
         path, label = self.samples[i]
-        with Image.open(path) as im:
-            return im.convert("RGB"), label
+        return load_rgb(path), label
 
     def read(self, ids) -> Iterator[Record]:
         for i in check_ids(ids, len(self.samples)).tolist():

@@ -6,7 +6,10 @@ Here a shard is a tar whose members are grouped into samples by key (``dir/name.
 ``dir/name``, consecutive members with one key are one sample), sample ids come from per-shard
 counts (an index JSON, or a header scan at start), and ``read(ids)`` streams each shard once,
 keeping only the samples asked for; where a shard has a member table (written with it), the
-reader seeks straight to the images it wants instead.
+reader seeks straight to the images it wants instead. Compressed shards (``.tar.gz``/``.tgz``,
+``.tar.bz2``, ``.tar.xz``, told by their first bytes, whatever their name) are read the same way,
+decompressed as they stream: no member table, so a reader decompresses its shard from the start up
+to the last sample it wants (once per shard and epoch: the plan hands each worker runs of a shard).
 
 URLs: local paths, brace patterns (``train-{000000..000127}.tar``, ``{a,b}``), globs, an index
 ``.json`` listing shards, and ``pipe:COMMAND`` (a shell command writing a tar to stdout), which is
@@ -15,15 +18,19 @@ refused unless ``allow_pipe`` is set, since it runs whatever the config says.
 
 from __future__ import annotations
 
+import bz2
 import contextlib
 import glob
+import gzip
 import itertools
 import json
 import logging
+import lzma
 import os
 import re
 import subprocess
 import tarfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,7 +44,7 @@ log = logging.getLogger("mimscale.data")
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 LABEL_EXTS = ("cls", "label")
-INDEX_KIND = "wids-shard-index-v1"  # webdataset's indexed-dataset format, so its tools read ours
+INDEX_KIND = "wids-shard-index-v1"  # the `wids` package's index: its ShardListDataset reads ours
 INDEX_NAME = "index.json"
 _KEY = re.compile(r"^((?:.*/)?[^./][^/]*?)\.([^/]*)$")  # key = dir + name up to its first dot
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -160,6 +167,28 @@ def sibling_index_counts(shards: list[str]) -> list[int] | None:
 
 # --------------------------------------------------------------------------- reading tars
 
+# a compressed tar by its first bytes -> how tarfile and Python open it
+_COMPRESSIONS = ((b"\x1f\x8b", "gz", gzip.open), (b"BZh", "bz2", bz2.open),
+                 (b"\xfd7zXZ\x00", "xz", lzma.open))
+# what reading a damaged shard raises: tar errors, truncation, and each decompressor's own errors
+READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
+_OPEN_ERRORS = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError)  # not a missing file
+
+
+def compression(path: str) -> str | None:
+    """``'gz'``, ``'bz2'`` or ``'xz'`` for a compressed local shard, None for a plain tar."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    return next((kind for magic, kind, _ in _COMPRESSIONS if head.startswith(magic)), None)
+
+
+def _open_bytes(path: str):
+    """A local shard's tar bytes as a binary file (decompressed as it is read, when compressed)."""
+    kind = compression(path)
+    opener = next((o for _, k, o in _COMPRESSIONS if k == kind), open)
+    return opener(path, "rb")
+
+
 def split_key(name: str) -> tuple[str, str] | None:
     m = _KEY.match(name)
     return (m.group(1), m.group(2).lower()) if m else None
@@ -181,7 +210,7 @@ class _open_tar:
         elif self.quick:
             self.tar = PlainTar(self.url)
         else:
-            self.tar = tarfile.open(self.url, mode="r:")
+            self.tar = tarfile.open(self.url, mode=f"r:{compression(self.url) or ''}")
         return self.tar
 
     def __exit__(self, *exc) -> None:
@@ -222,7 +251,7 @@ class PlainTar:
     """
 
     def __init__(self, path: str):
-        self.fileobj = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self.fileobj = _open_bytes(path)  # only ever seeks forward, which a decompressor can
 
     def close(self) -> None:
         self.fileobj.close()
@@ -323,9 +352,9 @@ def count_samples(url: str) -> int:
             try:
                 for index, *_ in iter_members(tar):
                     n = index + 1
-            except (tarfile.TarError, EOFError, OSError) as e:
+            except READ_ERRORS as e:
                 log.warning("shard %s is damaged after %d samples (%s); later samples are not used", url, n, e)
-    except tarfile.ReadError as e:  # from the open: not one readable header (a zero-byte file, not a tar)
+    except _OPEN_ERRORS as e:  # from the open: not one readable header (a zero-byte file, not a tar)
         raise DataError(f"shard {url} is not a tar file ({e}): an interrupted copy or another kind of "
                         "file; write it again or leave it out of data.urls") from None
     return n
@@ -366,7 +395,7 @@ def _read_samples(url: str, wanted: set[int], quick: bool) -> dict[int, dict]:
                 sample = out.setdefault(index, {"key": key, "members": {}})
                 sample["members"][ext] = _read_member(tar, m) if ext in _KEEP else None
             current = None
-    except (tarfile.TarError, EOFError, OSError) as e:
+    except READ_ERRORS as e:
         if current is not None:
             out[current] = {"key": out[current]["key"], "error": f"damaged shard while reading it: {e}"}
         for i in wanted - out.keys():
@@ -432,6 +461,8 @@ def _table_rows(url: str, quick: bool) -> list:
 
 
 def write_member_table(url: str) -> Path:
+    if compression(url):  # a decompressor cannot seek to an offset: such shards are walked
+        raise ValueError(f"{url} is compressed: member tables are for plain tars only")
     path = Path(url + TABLE_SUFFIX)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(member_table(url), separators=(",", ":")))

@@ -6,27 +6,34 @@ import sys
 
 from mimscale.config import to_yaml
 
-from .config import FinetuneConfig, KNNRunConfig, LinprobeConfig, load_classify_config
-
+# command -> (its config class in .config, imported when the command runs; summary; description)
 _COMMANDS = {
-    "finetune": (FinetuneConfig, "fine-tune a pretrained ViT on a classification data set (MAE's recipe)",
+    "finetune": ("FinetuneConfig", "fine-tune a pretrained ViT on a classification data set (MAE's recipe)",
                  "End-to-end fine-tuning from a mimscale checkpoint, an official MAE .pth or a timm "
                  "state dict: layer-wise lr decay, drop path, mixup/cutmix, label smoothing, optional "
                  "EMA; reports top-1/top-5 and robustness to occluded and shuffled patches. "
                  "Example: mimscale finetune checkpoint=runs/mae data.dataset=cifar100 data.root=/data/cifar"),
-    "linprobe": (LinprobeConfig, "linear probe of a frozen encoder (MAE's protocol: BatchNorm + linear, LARS)",
+    "linprobe": ("LinprobeConfig", "linear probe of a frozen encoder (MAE's protocol: BatchNorm + linear, LARS)",
                  "Train BatchNorm(affine=False) + a linear layer on the frozen encoder's CLS (or mean) "
                  "features with LARS. Example: mimscale linprobe checkpoint=runs/mae data.root=/data/in1k"),
-    "knn": (KNNRunConfig, "weighted k-NN accuracy of a frozen encoder (k=20, T=0.07)",
+    "knn": ("KNNRunConfig", "weighted k-NN accuracy of a frozen encoder (k=20, T=0.07)",
             "Cosine k-NN over the training split's features with exp(sim/T) voting (DINO's protocol). "
             "Example: mimscale knn checkpoint=runs/mae data.dataset=imagenet data.root=/data/in1k"),
 }
 
 
+def config_class(command: str) -> type:
+    """The config class of ``command`` (importing it needs torch, so only when a command runs)."""
+    from . import config
+
+    return getattr(config, _COMMANDS[command][0])
+
+
 def _handler(command: str):
     def run(args) -> int:
-        cls = _COMMANDS[command][0]
-        cfg = load_classify_config(cls, args.overrides, args.config)
+        from .config import load_classify_config
+
+        cfg = load_classify_config(config_class(command), args.overrides, args.config)
         if args.print_config:
             sys.stdout.write(to_yaml(cfg))
             return 0

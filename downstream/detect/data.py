@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from mimscale.data_pipeline.pixels import to_rgb
+
 
 def coco_paths(root: str | Path, split: str) -> tuple[Path, Path]:
     """``(annotation file, image folder)`` of a split in the COCO layout."""
@@ -68,7 +70,7 @@ class CocoInstances(Dataset):
         image_id = self.ids[index]
         info = self.coco.loadImgs(image_id)[0]
         with Image.open(self.image_dir / info["file_name"]) as im:
-            image = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1).float() / 255
+            image = torch.from_numpy(np.asarray(to_rgb(im)).copy()).permute(2, 0, 1).float() / 255
         anns = self._annotations(image_id)
         h, w = image.shape[-2:]
         masks = (torch.from_numpy(np.stack([self.coco.annToMask(a) for a in anns])) if anns

@@ -3,9 +3,10 @@ registers ``MimViT``, ``MimSimpleFPN``, ``MimMultiLevelNeck``, ``MimLN2d`` (chan
 for conv heads) and ``MimLayerDecayOptimizerConstructor`` in mmdet's and mmseg's registries (those installed).
 
 Needs ``pip install 'mimscale[openmmlab]'`` (without mmdet / mmseg nothing is registered and
-``REGISTERED`` is empty; the converter still works). Training mmdet models also needs mmcv's compiled ops
-(RoIAlign, NMS): full ``mmcv==2.1.0`` built for your torch; mmcv-lite builds and imports the
-plugin but has no ops. Shipped configs: :func:`config_path`.
+``REGISTERED`` is empty; the converter still works). That extra's mmcv-lite has no compiled ops:
+importing the plugin then routes the kernels the shipped configs reach (RoIAlign, NMS) to
+torchvision (:mod:`.torchvision_ops`); full mmcv's own kernels are used when installed.
+Shipped configs: :func:`config_path`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+from . import torchvision_ops
 from .convert import TARGET_IMG_SIZE, convert_to_openmmlab
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -47,6 +49,7 @@ def register_all() -> list[str]:
     return used
 
 
+TORCHVISION_OPS = torchvision_ops.install()  # before mmdet / mmseg import mmcv.ops
 REGISTERED = register_all()
 
-__all__ = ["CONFIG_DIR", "REGISTERED", "TARGET_IMG_SIZE", "config_path", "convert_to_openmmlab", "register_all"]
+__all__ = ["CONFIG_DIR", "REGISTERED", "TORCHVISION_OPS", "TARGET_IMG_SIZE", "config_path", "convert_to_openmmlab", "register_all"]

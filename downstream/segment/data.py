@@ -17,6 +17,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import Dataset
 
+from mimscale.data_pipeline.pixels import to_rgb
+
 IGNORE_INDEX = 255
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -65,7 +67,7 @@ class ADE20KSegmentation(Dataset):
     def __getitem__(self, index: int):
         image_path, label_path = self.pairs[index]
         with Image.open(image_path) as im:
-            image = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1).float() / 255
+            image = torch.from_numpy(np.asarray(to_rgb(im)).copy()).permute(2, 0, 1).float() / 255
         with Image.open(label_path) as lb:
             label = np.asarray(lb)
         label = torch.from_numpy(reduce_zero_label(label) if self.reduce_zero else label.astype(np.int64))

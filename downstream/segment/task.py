@@ -8,7 +8,7 @@ evaluation (crop 512, stride 341) on images resized to a 512 short side; mIoU, m
 
 from __future__ import annotations
 
-import json
+import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from mimscale.downstream.dense.config import (
 from mimscale.downstream.dense.encoder import PYRAMIDS, build_dense_encoder
 from mimscale.downstream.dense.runner import FitSummary, fit
 
+from .classes import label_names
 from .data import ADE20KSegmentation, SegTrainTransform, collate, rescale_size
 from .metrics import check_labels, confusion_matrix, majority_baseline, segmentation_metrics
 from .model import UperNetSegmentor, slide_inference
@@ -168,19 +169,24 @@ class SegmentTask:
         conf = sum(parts[1:], parts[0])
         metrics = segmentation_metrics(conf)
         base = majority_baseline(conf)
-        names = _class_names(d.root, d.num_classes)
+        names = label_names(d.root, d.num_classes, d.reduce_zero_label)
+        table = write_per_class(Path(self.cfg.output.dir) / "per_class.csv", names, metrics)
         print(f"segment: {len(ds)} images of {d.val_split}: mIoU {100 * metrics['mIoU']:.2f}  "
               f"mAcc {100 * metrics['mAcc']:.2f}  aAcc {100 * metrics['aAcc']:.2f}  "
-              f"(majority-class baseline mIoU {100 * base['mIoU']:.2f})")
+              f"(majority-class baseline mIoU {100 * base['mIoU']:.2f}); per class: {table}")
         return {**metrics, "majority_mIoU": base["mIoU"], "pixels": int(conf.sum()), "classes": names}
 
 
-def _class_names(root: str, num_classes: int) -> list[str] | None:
-    path = Path(root) / "classes.json"
-    if not path.is_file():
-        return None
-    names = json.loads(path.read_text())
-    return names if len(names) == num_classes else None
+def write_per_class(path: Path, names: list[str] | None, metrics: dict) -> Path:
+    """The per-class table: index, name (empty when unknown), IoU and Acc (empty where undefined)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["class", "name", "IoU", "Acc"])
+        for k, (iou, acc) in enumerate(zip(metrics["IoU"], metrics["Acc"])):
+            w.writerow([k, names[k] if names else "", "" if iou is None else f"{iou:.6f}",
+                        "" if acc is None else f"{acc:.6f}"])
+    return path
 
 
 def run_segment(cfg: SegmentConfig) -> FitSummary:

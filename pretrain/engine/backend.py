@@ -76,6 +76,35 @@ def resolve_device(name: str, env: DistEnv) -> torch.device:
     return torch.device("cpu")
 
 
+def device_of(name: str) -> torch.device:
+    """The device type ``engine.device`` names, without selecting a GPU (``resolve_device`` does)."""
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def resolve_compile(compile: bool | str, device: torch.device) -> bool:
+    """``engine.compile``: ``auto`` compiles on CUDA, where it was measured to pay (docs/performance.md),
+    and not on a CPU, where compiling costs minutes and gains little."""
+    return device.type == "cuda" if compile == "auto" else bool(compile)
+
+
+_ATTENTION_KERNELS = {"flash": "flash", "cudnn": "cudnn", "efficient": "mem_efficient", "math": "math"}
+
+
+def use_attention_kernel(name: str, device: torch.device) -> None:
+    """``engine.attention``: leave torch's choice of SDPA kernel (``auto``) or allow only the named
+    one, process-wide (torch's ``enable_*_sdp`` switches; a shape the kernel cannot run then fails
+    loudly instead of falling back)."""
+    if name == "auto":
+        return
+    if name not in _ATTENTION_KERNELS:
+        raise ConfigError(f"engine.attention={name!r} is not valid; valid: auto, {', '.join(_ATTENTION_KERNELS)}")
+    if device.type != "cuda" and name != "math":
+        raise ConfigError(f"engine.attention={name} is a CUDA kernel; on engine.device={device.type} "
+                          "use auto or math")
+    for kernel, switch in _ATTENTION_KERNELS.items():
+        getattr(torch.backends.cuda, f"enable_{switch}_sdp")(kernel == name)
+
+
 class Backend:
     """What every backend shares: device, autocast, lr, collectives, the skip rule, memory."""
 
@@ -209,17 +238,29 @@ class Backend:
         if self.env.world_size > 1:
             dist.barrier()
 
+    def _control_group(self):
+        """A CPU (gloo) group over every rank: the default one under gloo, else one made once."""
+        if self._control is None:
+            self._control = (dist.group.WORLD if dist.get_backend() == "gloo"
+                             else dist.new_group(backend="gloo"))
+        return self._control
+
     def any_rank(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is true on any; a CPU collective (gloo), so asking it
         every step costs no device sync."""
         if self.env.world_size == 1:
             return flag
-        if self._control is None:
-            self._control = (dist.group.WORLD if dist.get_backend() == "gloo"
-                             else dist.new_group(backend="gloo"))
         t = torch.tensor([int(flag)])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control_group())
         return bool(t.item())
+
+    def all_gather_host(self, obj) -> list:
+        """Every rank's ``obj`` (host values: counts, records), over the CPU group: no device sync."""
+        if self.env.world_size == 1:
+            return [obj]
+        out = [None] * self.env.world_size
+        dist.all_gather_object(out, obj, group=self._control_group())
+        return out
 
 
 class DDPBackend(Backend):
@@ -274,8 +315,9 @@ def build_backend(cfg_engine, env: DistEnv, cfg_optim=None, micro_batch: int | N
     """The backend ``engine.backend`` names. ``cfg_optim`` / ``micro_batch`` (clip, accumulation,
     batch per rank) are needed by DeepSpeed, which owns those inside its engine."""
     device = resolve_device(cfg_engine.device, env)
+    use_attention_kernel(getattr(cfg_engine, "attention", "auto"), device)
     options = dict(activation_checkpointing=getattr(cfg_engine, "activation_checkpointing", False),
-                   compile=getattr(cfg_engine, "compile", False))
+                   compile=resolve_compile(getattr(cfg_engine, "compile", False), device))
     if cfg_engine.backend == "ddp":
         return DDPBackend(device, env, cfg_engine.precision, **options)
     if cfg_engine.backend == "fsdp":

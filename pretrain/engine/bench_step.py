@@ -132,8 +132,8 @@ def measure(cfg, warmup: int, steps: int, data: str, profile: Path | None = None
     rates = trainer.throughput.of(images_per_s)
     return {"recipe": cfg.recipe, "model": cfg.model.name, "img_size": trainer.img_size(trainer.data.epoch),
             "batch": cfg.data.batch_size, "accum_steps": cfg.optim.accum_steps, "precision": cfg.engine.precision,
-            "compile": cfg.engine.compile, "device": _device_name(device), "data": data,
-            "decode": getattr(trainer.data, "decode", "cpu"), "steps": steps,
+            "compile": trainer.backend.compile, "attention": cfg.engine.attention, "device": _device_name(device),
+            "data": data, "decode": getattr(trainer.data, "decode", "cpu"), "steps": steps,
             "step_ms": 1000 * elapsed / steps, "images_per_s": images_per_s, **rates,
             "peak_tflops": trainer.throughput.peak, "gflops_per_image": trainer.throughput.flops.per_image / 1e9,
             "data_wait_share": min(1.0, wait.seconds / elapsed), "peak_mem_gb": peak_gb, "peak_mem_kind": peak_kind,
@@ -169,8 +169,8 @@ def run(args: argparse.Namespace) -> int:
             return 0
         rows = []
         for cfg in configs:
-            if cfg.engine.compile:  # compiled for the last batch size, dynamo would recompile for
-                torch._dynamo.reset()  # this one with dynamic shapes: slower kernels, not this size's
+            torch._dynamo.reset()  # compiled for the last batch size, dynamo would recompile for this
+            # one with dynamic shapes: slower kernels than this size's own
             try:
                 profile = None if not args.profile else Path(
                     args.profile if len(configs) == 1 else f"{args.profile}.b{cfg.data.batch_size}")

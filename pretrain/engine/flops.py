@@ -15,14 +15,18 @@ nor the score recompute of a fused attention backward (which ``FlopCounterMode``
 2.5× forward for flash / efficient attention instead of 2×).
 
 Ragged plans: AMR's per-image ratio ``r ± Δr`` (eq. 7) is counted at its expected centre
-``masking.ratio``; the encoder really runs every image padded to the batch's largest visible count,
-so a measured step can execute more. ``visible=`` counts an observed width instead.
+``masking.ratio``. Packed (``engine.varlen`` other than ``padded``, ``models.packed``) the encoder
+executes each image's own visible set: ``packed_step_flops`` counts an observed batch's counts
+(the mean of each image's own count, attention quadratic in it); padded, every image runs at the
+batch's largest count, and the difference is padding, not model FLOPs.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -150,6 +154,20 @@ def step_flops(cfg, visible: int | None = None, world_size: int = 1, img_size: i
         parts["scoring"] = Part(scoring)
     parts.update(_objectives(cfg, student, k, widths[-1][1], cfg.data.batch_size * world_size))
     return StepFlops(parts, cfg.data.batch_size, cfg.optim.accum_steps)
+
+
+def packed_step_flops(cfg, counts: Sequence[int], world_size: int = 1) -> StepFlops:
+    """The step when each image of a batch runs its own visible count (packed AMR): per part, the
+    mean over the images of :func:`step_flops` at that image's count."""
+    if not counts:
+        raise ValueError("packed_step_flops needs at least one image's visible count")
+    tally = Counter(int(c) for c in counts)
+    steps = {c: step_flops(cfg, c, world_size) for c in tally}
+    first = next(iter(steps.values()))
+    parts = {name: Part(sum(steps[c].parts[name].forward * w for c, w in tally.items()) / len(counts),
+                        sum(steps[c].parts[name].backward * w for c, w in tally.items()) / len(counts))
+             for name in first.parts}
+    return StepFlops(parts, first.batch, first.accum)
 
 
 def _shot_widths(cfg, vit: ViT, k: int) -> tuple[list[tuple[int, int]], float]:

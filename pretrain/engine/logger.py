@@ -56,7 +56,8 @@ class RunLogger:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(f"train/{k}", v, step)
-        line = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items() if k in _SHOWN and v is not None)
+        line = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()
+                        if k in _SHOWN and v is not None and (v or k not in _SHOWN_IF_ANY))
         if self._bar is not None:
             self._bar.update(self._task, completed=step, info=line)
         else:
@@ -84,7 +85,8 @@ class RunLogger:
         self._file.close()
 
 
-_SHOWN = ("epoch", "loss", "lr", "images_per_s", "tflops_per_s", "mfu")
+_SHOWN = ("epoch", "loss", "lr", "images_per_s", "tflops_per_s", "mfu", "bad_samples")
+_SHOWN_IF_ANY = ("bad_samples",)  # on the line once there are some: a clean run's line stays short
 
 
 def _fmt(v) -> str:

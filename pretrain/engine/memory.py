@@ -101,7 +101,21 @@ def format_reports(reports: list[MemoryReport], backend: str) -> str:
     return "\n".join(lines)
 
 
-def write_reports(path: Path, reports: list[MemoryReport], backend: str, step: int) -> None:
-    data = {"backend": backend, "step": step,
-            "ranks": [{**asdict(r), "states": r.states} for r in reports]}
-    Path(path).write_text(json.dumps(data, indent=1) + "\n")
+def write_reports(path: Path, reports: list[MemoryReport], backend: str, step: int,
+                  start_step: int = 0) -> None:
+    """Add this start's report to ``path`` (``{"reports": [...]}``, one per start of the run: a
+    resumed run may run on another backend or number of ranks, so it keeps the earlier ones)."""
+    path = Path(path)
+    entry = {"backend": backend, "step": step, "start_step": start_step,
+             "ranks": [{**asdict(r), "states": r.states} for r in reports]}
+    data = {"reports": [*read_reports(path), entry] if path.is_file() else [entry]}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)  # a kill mid-write leaves the previous reports whole
+
+
+def read_reports(path: str | Path) -> list[dict]:
+    """The reports of a ``memory.json``, oldest start first (a file of one report, as written
+    before reports were kept per start, is read as a list of one)."""
+    data = json.loads(Path(path).read_text())
+    return data.get("reports", [data])

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mimscale.config import Config, to_dict, to_yaml
+from mimscale.data_pipeline.bad_samples import append_jsonl
 from mimscale.data_pipeline.build import build_pretrain_data
 from mimscale.data_pipeline.views import size_at
 from mimscale.pretrain.method import MIMMethod
@@ -38,21 +39,42 @@ from .rng import rng_state, seed_everything, set_rng_state, step_generator
 from .schedule import cosine_lr, scaled_lr
 
 _log = logging.getLogger("mimscale.pretrain")
+BAD_SAMPLES_FILE = "bad_samples.jsonl"  # the run's unreadable samples, one JSON line each
 
 
 @dataclass
 class RunSummary:
     run_dir: Path
-    steps: int
+    steps: int                          # the step the run stands at (counted from the run's start)
     checkpoint: Path | None
     metrics: Path
     tensorboard: Path | None
     figures: list[Path]
     losses: list[tuple[int, float]]
-    wall_time: float
+    wall_time: float                    # seconds since this start (a resume is a new start)
     preempted: str | None = None        # the signal that stopped the run early, if any
     skipped_steps: int = 0              # steps skipped for a non-finite loss or gradient
     memory: list[MemoryReport] = field(default_factory=list)
+    start_step: int = 0                 # the step this start began at (0, or where it resumed)
+    total_steps: int = 0
+    bad_samples: int = 0                # samples skipped as unreadable, all ranks, whole run
+    is_main: bool = True                # rank 0, which reports for the run
+
+    def describe(self) -> str:
+        """The run's last line: finished or stopped early, steps and time of this start, the
+        checkpoint to continue from, and the skipped samples if there were any."""
+        ran = f"{self.steps - self.start_step} steps in {self.wall_time:.1f}s"
+        if self.start_step:
+            ran += f" since this start (resumed at step {self.start_step})"
+        if self.preempted:
+            line = (f"stopped early by {self.preempted} at step {self.steps} of {self.total_steps}: {ran}; "
+                    f"checkpoint {self.checkpoint} (continue with resume=auto)")
+        else:
+            line = f"done: {ran}; checkpoint {self.checkpoint}"
+        if self.bad_samples:
+            line += (f"; {self.bad_samples} unreadable sample{'s' * (self.bad_samples > 1)} skipped, "
+                     f"listed in {self.run_dir / BAD_SAMPLES_FILE}")
+        return line
 
 
 class Trainer:
@@ -95,6 +117,7 @@ class Trainer:
         resume_from = resolve_resume(cfg.resume, self.checkpoints)
         if resume_from is not None:
             self._restore(resume_from)
+        self.start_step = self.step
         if self.env.is_main:
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         self._throughputs: dict[int, Throughput] = {}
@@ -130,6 +153,7 @@ class Trainer:
     def _run_state(self) -> dict:
         """Everything but the backend's model/optimizer. Collective (gathers every rank's RNG and
         rank-local module state, such as PLB's per-rank loss sums)."""
+        data_per_rank = self.backend.all_gather_object(self._data_position())  # skips differ
         return {
             "format": self.backend.checkpoint_format,
             "backend": self.backend.name,
@@ -137,7 +161,8 @@ class Trainer:
             "step": self.step,
             "data": self._data_position(),
             "img_size": self.img_size(self._data_position()["epoch"]),  # of the next batch
-            "data_per_rank": self.backend.all_gather_object(self._data_position()),  # skips differ
+            "data_per_rank": data_per_rank,
+            "bad_samples": sum(d.get("bad_samples", 0) for d in data_per_rank),  # all ranks, whole run
             "rng": self.backend.all_gather_object(rng_state()),
             "rank_state": self.backend.all_gather_object(_to_cpu(rank_local_state(self.method))),
             "guard": self.guard.state_dict(),
@@ -176,11 +201,15 @@ class Trainer:
         load_rank_local_state(self.method, per_rank[self.env.rank if same_world else 0])
         self.step = int(state["step"])
         data = state.get("data_per_rank") or [state["data"]]
-        self.data.load_state_dict(data[self.env.rank] if len(data) == self.env.world_size else data[0])
+        if len(data) == self.env.world_size:
+            self.data.load_state_dict(data[self.env.rank])
+        else:  # rank 0 carries the run's bad-sample count on, so the sum over ranks stays the run's
+            total = state.get("bad_samples", sum(d.get("bad_samples", 0) for d in data))
+            self.data.load_state_dict({**data[0], "bad_samples": total if self.env.is_main else 0})
         size, saved = self.img_size(self.data.epoch), state.get("img_size")
         if saved is not None and saved != size:
             _log.warning("schedule.resolution: the checkpoint's next batch was at %d px; this config's "
-                        "schedule gives %d px at epoch %d, which the run uses", saved, size, self.data.epoch)
+                         "schedule gives %d px at epoch %d, which the run uses", saved, size, self.data.epoch)
         self.guard.load_state_dict(state.get("guard", {}))
         rngs = state["rng"]
         if len(rngs) == self.env.world_size:
@@ -233,6 +262,9 @@ class Trainer:
         with PreemptionHandler(self.cfg.engine.preempt_signals) as preemption:
             try:
                 return self._fit(preemption)
+            except BaseException:
+                self._keep_bad_records()
+                raise
             finally:
                 if self._batches is not None:
                     self._batches.close()  # the loader stands where the run stopped consuming
@@ -269,7 +301,8 @@ class Trainer:
                 metrics = {"epoch": epoch, **means, "lr": self.optimizer.param_groups[0]["lr"],
                            "grad_norm": norm if math.isfinite(norm) else None, "images_per_s": images_per_s,
                            **self.throughput.of(images_per_s),
-                           "data_wait_ms": wait.flush_ms(), "skipped_steps": self.guard.skipped}
+                           "data_wait_ms": wait.flush_ms(), "skipped_steps": self.guard.skipped,
+                           "bad_samples": self._report_bad_samples()}
                 if cfg.schedule.resolution:
                     metrics["img_size"] = self.img_size(epoch)
                 self.logger.log(self.step, metrics)
@@ -294,13 +327,31 @@ class Trainer:
             self._figure(images, out)
         return RunSummary(self.run_dir, self.step, self.checkpoints.latest(), self.logger.metrics_path,
                           self.logger.tb_dir if cfg.logging.tensorboard else None, self.figures, losses,
-                          time.perf_counter() - start, stopped_by, self.guard.skipped, self.memory)
+                          time.perf_counter() - start, stopped_by, self.guard.skipped, self.memory,
+                          start_step, self.total_steps, self._report_bad_samples(), self.env.is_main)
+
+    def _report_bad_samples(self) -> int:
+        """The run's count of skipped samples, over all ranks and starts, as of the batches consumed;
+        the main rank appends their records since the last call to ``bad_samples.jsonl``.
+        Collective, over the CPU group: counts and records live on the host (the loader's), so
+        reading them costs no device sync. Called at log lines and at the end."""
+        mine = (self._batches.position.get("bad_samples", 0), self._batches.take_bad_records())
+        gathered = self.backend.all_gather_host(mine)
+        if self.env.is_main:
+            append_jsonl(self.run_dir / BAD_SAMPLES_FILE, [r for _, records in gathered for r in records])
+        return sum(count for count, _ in gathered)
+
+    def _keep_bad_records(self) -> None:
+        """A failing run (e.g. past ``data.max_bad_fraction``) lists what each rank read, itself:
+        the other ranks may never reach a collective again."""
+        records = self._batches.take_bad_records(ahead=True) if self._batches is not None else []
+        append_jsonl(self.run_dir / BAD_SAMPLES_FILE, records + self.data.take_bad_records())
 
     def _memory_report(self) -> None:
         mine = measure(self.env.rank, self.backend.memory_bytes(), self.backend.device)
         self.memory = [MemoryReport(**r) for r in self.backend.all_gather_object(asdict(mine))]
         if self.env.is_main:
-            write_reports(self.run_dir / "memory.json", self.memory, self.backend.name, self.step)
+            write_reports(self.run_dir / "memory.json", self.memory, self.backend.name, self.step, self.start_step)
             self.logger.print(format_reports(self.memory, self.backend.name))
 
     def _figure(self, images: torch.Tensor, out) -> None:
@@ -346,16 +397,25 @@ class _OneAhead:
     def __init__(self, loader):
         self.loader, self.batches = loader, iter(loader)
         self.position = loader.state_dict()
-        self.ahead: tuple[dict, dict] | None = None
+        self.ahead: tuple[dict, dict, list[dict]] | None = None  # batch, position after it, its bad samples
+        self._bad: list[dict] = []  # bad samples of the batches handed out, until taken
 
     def fetch(self, wait: DataWait) -> None:
         if self.ahead is None:
-            self.ahead = (wait.next(self.batches), self.loader.state_dict())
+            batch = wait.next(self.batches)
+            self.ahead = (batch, self.loader.state_dict(), self.loader.take_bad_records())
 
     def next(self, wait: DataWait) -> dict:
         self.fetch(wait)
-        (batch, self.position), self.ahead = self.ahead, None
+        (batch, self.position, bad), self.ahead = self.ahead, None
+        self._bad.extend(bad)
         return batch
+
+    def take_bad_records(self, ahead: bool = False) -> list[dict]:
+        """The bad samples of the batches handed out since the last call (``ahead``: and of the batch
+        fetched ahead): a batch put back is read again, so its samples are listed when it is used."""
+        out, self._bad = self._bad, []
+        return out + (self.ahead[2] if ahead and self.ahead is not None else [])
 
     def close(self) -> None:
         """Stop reading: the loader's workers end, and a batch fetched ahead is put back (the

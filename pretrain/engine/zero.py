@@ -8,7 +8,9 @@ Checkpoints are DeepSpeed's own files (``deepspeed/`` in the checkpoint folder);
 consolidates them into one fp32 state dict without DeepSpeed's engine or a process group.
 
 Install with ``pip install 'mimscale[deepspeed]'``; on CPUs DeepSpeed runs with
-``DS_ACCELERATOR=cpu`` and gloo (set automatically when ``engine.device`` resolves to cpu).
+``DS_ACCELERATOR=cpu`` and gloo (set automatically when ``engine.device`` resolves to cpu). There,
+the first start on a machine compiles DeepSpeed's shared-memory communication op (minutes, before
+step 1, silently): ``shm_build_pending`` sees it coming, so the run says so.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from .memory import nested_bytes, parameter_bytes
 from .safe_load import load_file
 
 TAG = "deepspeed"  # DeepSpeed's checkpoint tag = the sub-folder of the checkpoint folder
+SHM_BUILDER = "ShareMemCommBuilder"  # DeepSpeed's CPU op for intra-machine collectives
 
 
 def import_deepspeed(device_type: str = "cpu"):
@@ -107,6 +110,10 @@ class DeepSpeedBackend(Backend):
         hands ``base`` flat partitions of each param group, keeping the groups' other keys."""
         deepspeed = import_deepspeed(self.device.type)
         config = self.ds_config()
+        folder = shm_build_pending(deepspeed)
+        if folder is not None and self.env.local_rank == 0:
+            print(f"deepspeed: compiling its shared-memory communication op for CPUs before step 1: "
+                  f"minutes, once per machine (cached in {folder} for later starts)", flush=True)
         zero = config["zero_optimization"]
         if (self.zero_stage == 3 and getattr(self.module, "teacher", None) is not None
                 and zero.get("stage3_param_persistence_threshold", 0) > 0):
@@ -193,6 +200,30 @@ class DeepSpeedBackend(Backend):
                    or getattr(opt, "fp32_partitioned_groups_flat", None) or [])  # stage 3
         optimizer = nested_bytes(opt.optimizer.state) + nested_bytes(list(masters))
         return {"params": params, "grads": self._grad_bytes, "optimizer": optimizer, "teacher": teacher}
+
+
+def shm_build_pending(deepspeed) -> Path | None:
+    """The folder DeepSpeed will compile its CPU shared-memory op into when its communication
+    starts in this process; None when nothing will be compiled: another accelerator, the op built
+    at install or already loaded, DeepSpeed's communication already up, or a library built before
+    in torch's extension cache."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.comm import comm
+    from deepspeed.git_version_info import installed_ops
+    from deepspeed.ops.op_builder.builder import OpBuilder
+
+    builder = get_accelerator().create_op_builder(SHM_BUILDER)
+    if (builder is None or getattr(comm, "cdb", None) is not None or installed_ops.get(builder.NAME)
+            or builder.NAME in OpBuilder._loaded_ops
+            or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False)):
+        return None
+    from torch.utils import cpp_extension
+
+    where = getattr(cpp_extension, "_get_build_directory", None)  # torch's own rule for the folder
+    if where is None:
+        return Path(cpp_extension.get_default_build_root())
+    folder = Path(where(builder.NAME, False))
+    return None if (folder / f"{builder.NAME}.so").is_file() else folder
 
 
 def _register_container_params(deepspeed, root: nn.Module) -> None:

@@ -34,9 +34,11 @@ VARIANTS = [
     ("ccmim (last)", ["masking.strategy=ccmim"]),
     ("ccmim (all_blocks)", ["masking.strategy=ccmim", "masking.ccmim.importance=all_blocks"]),
     ("sbam", ["masking.strategy=sbam"]),
-    ("sbam_amr", ["masking.strategy=sbam_amr"]),
-    ("cmae_2shot (random)", ["masking.shots=[{layer: 0.8333, ratio: 0.1}]"]),
-    ("cmae_2shot (gpa-guided)", ["masking.shots=[{layer: 0.8333, ratio: 0.1, guide: gpa}]"]),
+    ("sbam_amr", ["masking.strategy=sbam_amr", "engine.varlen=padded"]),
+    ("sbam_amr (packed)", ["masking.strategy=sbam_amr", "engine.varlen=nested"]),
+    ("cmae_2shot (random)", ["masking.shots=[{layer: 0.8333, ratio: 0.1}]", "engine.varlen=padded"]),
+    ("cmae_2shot (gpa-guided)", ["masking.shots=[{layer: 0.8333, ratio: 0.1, guide: gpa}]", "engine.varlen=padded"]),
+    ("cmae_2shot (packed)", ["masking.shots=[{layer: 0.8333, ratio: 0.1}]", "engine.varlen=nested"]),
 ]
 
 
@@ -79,7 +81,7 @@ def _timed(steps: int, device: torch.device, fn, *args) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mimscale.pretrain.engine.flops import step_flops
+    from mimscale.pretrain.engine.flops import packed_step_flops, step_flops
     from mimscale.pretrain.engine.optim import param_groups
     from mimscale.pretrain.method import MIMMethod
 
@@ -89,14 +91,18 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--rounds and --steps-per-round must be >= 1, --warmup-rounds >= 0")
     base = [f"model.name={args.model}", f"model.img_size={args.img_size}", "data.source=synthetic",
             f"data.batch_size={args.batch}", "optim.accum_steps=1"]
-    rows = []
+    images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
+    rows, mean_visible = [], {}
     for label, overrides in select(args.rows):
         cfg = load_config(base + overrides)
         torch.manual_seed(0)
         method = MIMMethod(cfg).to(device).train()
         opt = torch.optim.AdamW(param_groups(method, 0.05), lr=1e-4)
-        rows.append((label, method, opt, step_flops(cfg).per_step))
-    images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
+        flops = step_flops(cfg)
+        if cfg.masking.strategy == "sbam_amr":  # per-image ratios: count this batch's own visible sets
+            counts = (~method.make_mask(images, torch.Generator().manual_seed(0)).mask).sum(dim=1).tolist()
+            flops, mean_visible[label] = packed_step_flops(cfg, counts), sum(counts) / len(counts)
+        rows.append((label, method, opt, flops.per_step))
     dtype = torch.bfloat16 if args.precision == "bf16" else None
 
     def autocast():
@@ -143,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
             "time_ratio_min": min(ratios), "time_ratio_max": max(ratios), "overhead": time_ratio / flop_ratio,
             "mask_ratio": statistics.median(m / ref for m, ref in zip(mask_t[label], step_t[mae])),
             "step_ms": 1000 * statistics.median(step_t[label]), "mask_ms": 1000 * statistics.median(mask_t[label]),
-            "gflops_per_image": flops / args.batch / 1e9, "teacher_mib": teacher / 2**20,
+            "gflops_per_image": flops / args.batch / 1e9, "mean_visible": mean_visible.get(label), "teacher_mib": teacher / 2**20,
             "scoring_peak_mib": scoring_peak, "model": args.model, "img_size": args.img_size, "batch": args.batch,
             "precision": args.precision, "device": _device_name(device), "rounds": args.rounds,
             "steps_per_round": steps})

@@ -72,9 +72,11 @@ class Strategy(nn.Module):
             raise ValueError(f"selector {self.selector!r} needs a score; strategy {type(self).__name__} has none")
         mask = select(self.selector, ranked, counts, ctx.generator, grid=ctx.grid, width=self.width,
                       batch=ctx.batch, device=ctx.images.device)
-        # every selector hides exactly ``counts``: with a fixed ratio the encoder needs no host read
-        visible = None if isinstance(self.ratio, torch.Tensor) else F.num_visible(ctx.num_patches, self.ratio)
-        return MaskResult(mask, score, visible=visible)
+        return MaskResult(mask, score, visible=self.visible(ctx))
+
+    def visible(self, ctx: MaskingContext) -> int | None:
+        """Every selector hides exactly ``counts``: with a fixed ratio the encoder needs no host read."""
+        return None if isinstance(self.ratio, torch.Tensor) else F.num_visible(ctx.num_patches, self.ratio)
 
     def observe(self, loss_per_image: torch.Tensor) -> None:
         """Per-image reconstruction losses of the step this strategy masked (PLB uses them)."""
@@ -220,12 +222,13 @@ class GPAStrategy(Strategy):
         hard = select("topk", g, n_h)
         probs = _soft_probs(g, self.c.soft_probs)
         keys = F.gumbel_keys(probs, ctx.generator)
-        keys = torch.where(probs > 0, keys, -1e30 + torch.rand(probs.shape, generator=ctx.generator).to(g.device))
+        ties = to_device(torch.rand(probs.shape, generator=ctx.generator), g.device)
+        keys = torch.where(probs > 0, keys, -1e30 + ties)
         soft = select("topk", keys.masked_fill(hard, float("-inf")), n_s)
-        rest = torch.rand(g.shape, generator=ctx.generator).to(g.device).masked_fill(hard | soft, float("-inf"))
+        rest = to_device(torch.rand(g.shape, generator=ctx.generator), g.device).masked_fill(hard | soft, float("-inf"))
         rand = select("topk", rest, n - n_h - n_s)
         logs = {"gpa_alpha_soft": torch.tensor(a_s), "gpa_alpha_hard": torch.tensor(a_h)}
-        return MaskResult(hard | soft | rand, g, logs)
+        return MaskResult(hard | soft | rand, g, logs, visible=self.visible(ctx))
 
     def scores(self, ctx):
         g = self.gpa(ctx)
@@ -277,7 +280,8 @@ class SBAMStrategy(Strategy):
         entropy = -(dist_s * (dist_s + 1e-12).log()).sum(-1)
         logs = {"mask_ratio": ratio.mean(), "salience_entropy": entropy.mean(),
                 "salience_fallback": flat.float().mean()}
-        return MaskResult(guided, s, logs)
+        # without AMR every image (fallback included) keeps the fixed count: no host read downstream
+        return MaskResult(guided, s, logs, visible=None if self.amr else self.visible(ctx))
 
 
 def build_strategy(cfg, num_heads: int) -> Strategy:

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .packed import Segments, resolve_varlen
 from .vit import Block, PatchEmbed, get_2d_sincos_pos_embed, patch_positions, resample_positions
 
 
@@ -81,6 +82,9 @@ class MaskedAutoencoderViT(nn.Module):
         )
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_embed_dim, self.patch_size ** 2 * in_chans, bias=True)
+        # How the encoder runs images of unequal visible counts (``models.packed``): a plain
+        # attribute, not a parameter, so the state dict is the same whatever it is.
+        self.varlen = "padded"
         self.initialize_weights()
 
     # ----------------------------------------------------------------------------------- init
@@ -154,9 +158,7 @@ class MaskedAutoencoderViT(nn.Module):
         (True = padded slot), so images may keep different numbers of patches (AMR, shots).
         ``visible``: the count every image keeps, when the caller knows it (a fixed ratio); else
         ``Kmax`` is read from the mask, a host sync."""
-        if mask.dtype != torch.bool or mask.dim() != 2:
-            raise ValueError(f"mask must be a bool tensor [B, N], got {mask.dtype} {tuple(mask.shape)}")
-        self.token_grid(mask.shape[1])  # N: the patches of a grid this model runs at
+        self._check_mask(mask)
         if visible is not None:
             ids = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)[:, :visible]
             return ids, torch.zeros_like(ids, dtype=torch.bool)
@@ -166,16 +168,24 @@ class MaskedAutoencoderViT(nn.Module):
         pad = torch.arange(k, device=mask.device)[None, :] >= counts[:, None]
         return ids, pad
 
+    def _check_mask(self, mask: torch.Tensor) -> None:
+        if mask.dtype != torch.bool or mask.dim() != 2:
+            raise ValueError(f"mask must be a bool tensor [B, N], got {mask.dtype} {tuple(mask.shape)}")
+        self.token_grid(mask.shape[1])  # N: the patches of a grid this model runs at
+
     # ------------------------------------------------------------------------------- forward
     def encode(self, imgs: torch.Tensor, mask: torch.Tensor, plan=None,
                generator: torch.Generator | None = None, visible: int | None = None) -> Encoded:
         """Encoder on the visible patches of ``mask``; a shot ``plan`` (``masking.multishot``) may
         hide more patches inside the encoder, before the blocks it names. ``visible``: see
-        ``visible_slots``."""
+        ``visible_slots``. With ``varlen`` other than ``padded``, unequal counts (or a plan) run
+        packed (``encode_packed``)."""
         n = math.prod(self.patch_embed.grid_for(imgs))
         if mask.shape[-1] != n:
             raise ValueError(f"mask must be a bool tensor [B, {n}] for images of {tuple(imgs.shape[-2:])}, "
                              f"got {mask.dtype} {tuple(mask.shape)}")
+        if self.varlen != "padded" and (visible is None or plan is not None):
+            return self.encode_packed(imgs, mask, plan, generator, visible)
         ids, pad = self.visible_slots(mask, visible)
         x = self.patch_embed(imgs) + patch_positions(self, imgs)
         x = torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
@@ -192,6 +202,34 @@ class MaskedAutoencoderViT(nn.Module):
         final = mask if len(shot_masks) == 1 else torch.stack(shot_masks).any(dim=0)
         return Encoded(self.norm(x), ids, pad, final, shot_masks)
 
+    def encode_packed(self, imgs: torch.Tensor, mask: torch.Tensor, plan=None,
+                      generator: torch.Generator | None = None, visible: int | None = None) -> Encoded:
+        """:meth:`encode` with the visible tokens of all images packed, without padding, and
+        attention per image (``models.packed``); the result is the same, laid out as ``encode``'s
+        (padded slots of ``latent`` are zeros). One host read of the per-image counts, none when
+        ``visible`` is given."""
+        self._check_mask(mask)
+        B, n = mask.shape
+        dev_counts = (~mask).sum(dim=1)
+        counts = [visible] * B if visible is not None else dev_counts.tolist()
+        width = max(counts, default=0)
+        ids = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)[:, :width]
+        pad = torch.arange(width, device=mask.device)[None, :] >= dev_counts[:, None]
+        seg = Segments.of([c + 1 for c in counts], dev_counts + 1, resolve_varlen(self.varlen))
+        x = self.patch_embed(imgs) + patch_positions(self, imgs)
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(B, -1, -1)
+        x = torch.cat([cls.to(x.dtype), x], dim=1).flatten(0, 1)  # [B·(1+N), D]
+        slots = torch.cat([ids.new_zeros(ids.shape[0], 1), 1 + ids], dim=1)  # CLS, then the visible patches
+        x = x[seg.rows(slots + (1 + n) * torch.arange(B, device=ids.device)[:, None])]
+        shot_masks = [mask]
+        for j, blk in enumerate(self.blocks):
+            if plan is not None and j in plan.layers:
+                x, seg, ids, pad, hidden = plan.apply_packed(j, blk, x, seg, ids, pad, n, generator)
+                shot_masks.append(hidden)
+            x = blk(x, segments=seg)
+        final = mask if len(shot_masks) == 1 else torch.stack(shot_masks).any(dim=0)
+        return Encoded(seg.pad(self.norm(x)), ids, pad, final, shot_masks)
+
     def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``imgs [B, C, H, W]``, ``mask [B, N]`` -> latent ``[B, 1+Kmax, D]`` (CLS first; with
         unequal visible counts, slots past an image's count are padding)."""
@@ -201,10 +239,12 @@ class MaskedAutoencoderViT(nn.Module):
         """``latent [B, 1+K, D]`` -> ``pred [B, N, p*p*C]``; mask tokens fill the hidden slots."""
         return self.decoder_pred(self.decoder_trunk(latent, mask))
 
-    def decoder_trunk(self, latent: torch.Tensor, mask: torch.Tensor, visible: int | None = None) -> torch.Tensor:
+    def decoder_trunk(self, latent: torch.Tensor, mask: torch.Tensor, visible: int | None = None,
+                      slots: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The decoder up to its final norm, patch tokens only, ``[B, N, Dd]``: the shared trunk that
-        the pixel head (and GPA's MAM head) read. ``visible``: see ``visible_slots``."""
-        ids, pad = self.visible_slots(mask, visible)
+        the pixel head (and GPA's MAM head) read. ``visible``: see ``visible_slots``; ``slots``:
+        the encoder's ``(ids, pad)`` of ``mask``, which saves reading them again."""
+        ids, pad = slots if slots is not None else self.visible_slots(mask, visible)
         if latent.shape[1] != ids.shape[1] + 1:
             raise ValueError(f"latent has {latent.shape[1] - 1} patch tokens but the mask shows "
                              f"{ids.shape[1]} visible patches")
@@ -246,7 +286,9 @@ class MaskedAutoencoderViT(nn.Module):
         """``visible``: the count every image keeps, if known on the host (no host read then)."""
         enc = self.encode(imgs, mask, plan, generator, visible)
         shots = len(enc.shot_masks) > 1  # a plan hid more: the final counts are the mask's
-        features = self.decoder_trunk(enc.latent, enc.mask, None if shots else visible)
+        packed = self.varlen != "padded" and (visible is None or plan is not None)
+        features = self.decoder_trunk(enc.latent, enc.mask, None if shots else visible,
+                                      (enc.ids, enc.pad) if packed else None)
         pred = self.decoder_pred(features)
         per_patch = self.pixel_loss(imgs, pred)
         m = enc.mask.float()

@@ -14,6 +14,9 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
+from . import packed
+from .packed import Segments
+
 
 def to_2tuple(x: int | Sequence[int]) -> tuple[int, int]:
     """``224 -> (224, 224)``; a pair is returned as a tuple of ints."""
@@ -76,8 +79,14 @@ class Attention(nn.Module):
         qkv = self._qkv(x)
         return qkv[0], qkv[1]
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None):
-        """``x [B, T, D] -> [B, T, D]``; ``key_padding_mask [B, T]`` True = padded, never a key."""
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+                segments: Segments | None = None):
+        """``x [B, T, D] -> [B, T, D]``; ``key_padding_mask [B, T]`` True = padded, never a key.
+        With ``segments``, ``x`` is packed ``[T, D]`` and each image attends to itself only."""
+        if segments is not None:
+            T, D = x.shape
+            q, k, v = self.qkv(x).reshape(T, 3, self.num_heads, self.head_dim).unbind(1)
+            return self.proj(packed.attention(q, k, v, segments).reshape(T, D))
         B, T, D = x.shape
         q, k, v = self._qkv(x).unbind(0)
         attn_mask = None
@@ -112,7 +121,12 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+                segments: Segments | None = None):
+        if segments is not None:  # packed [T, D]: stochastic depth per image, not per row
+            prob = getattr(self.drop_path, "drop_prob", 0.0)
+            x = x + packed.drop_path(self.attn(self.norm1(x), segments=segments), prob, segments, self.training)
+            return x + packed.drop_path(self.mlp(self.norm2(x)), prob, segments, self.training)
         x = x + self.drop_path(self.attn(self.norm1(x), key_padding_mask=key_padding_mask))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mimscale.data_pipeline.pixels import to_rgb
 from mimscale.data_pipeline.transforms import eval_transform
 
 from ..common import patch_foreground, synthetic_with_foreground
@@ -35,7 +36,7 @@ def load_images(paths: list[Path], size: int) -> torch.Tensor:
     out = []
     for p in paths:
         with Image.open(p) as im:
-            out.append(tf(im.convert("RGB")))
+            out.append(tf(to_rgb(im)))
     return torch.stack(out)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset
 
+from mimscale.data_pipeline.pixels import load_rgb
 from mimscale.errors import UserError
 
 
@@ -75,8 +76,7 @@ def file_images(name: str, split: str, root: Path, classes: Sequence[str],
     keys = [k for k, _ in items]
 
     def load(i: int) -> Image.Image:
-        with Image.open(root / keys[i]) as im:
-            return im.convert("RGB")
+        return load_rgb(root / keys[i])
 
     return LabeledImages(name, split, classes, keys, [y for _, y in items], load)
 

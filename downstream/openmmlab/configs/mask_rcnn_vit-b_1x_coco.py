@@ -4,7 +4,7 @@
 # 0.1, layer decay 0.7, drop path 0.1; 8 GPUs x 2 images.
 #
 #   mimscale convert runs/<run>/checkpoints/step_XXXXXXXX --to mmdet --out checkpoints/mimscale_vit-b_mmdet.pth
-#   bash tools/dist_train.sh <this file> 8          (mmdet's launcher; needs full mmcv 2.1.0)
+#   bash tools/dist_train.sh <this file> 8          (mmdet's launcher)
 custom_imports = dict(imports=['mimscale.downstream.openmmlab'], allow_failed_imports=False)
 default_scope = 'mmdet'
 
