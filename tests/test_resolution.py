@@ -34,6 +34,15 @@ def test_model_runs_at_two_resolutions():
         assert model.unpatchify(model.patchify(images)).equal(images)
     rows = model.pos_embed[:, 1:]
     assert resample_positions(rows, (4, 4), (4, 4)) is rows
+    # packed ragged batches (engine.varlen) at the smaller grid: the same latent as padded slots
+    images, uneven = torch.randn(2, 3, 16, 16, generator=g), torch.tensor([[True, False, False, False],
+                                                                            [True, True, True, False]])
+    padded = model.encode(images, uneven).latent
+    model.varlen = "nested"
+    packed = model.encode(images, uneven).latent
+    model.varlen = "padded"
+    torch.testing.assert_close(packed[0], padded[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[1, :2], padded[1, :2], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="not divisible by patch_size"):
         model(torch.randn(1, 3, 20, 20), torch.zeros(1, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="mask must be a bool tensor \\[B, 4\\] for images of \\(16, 16\\)"):
