@@ -73,9 +73,9 @@ def build_views(cfg_data, img_size: int):
 
 
 def build_pretrain_data(cfg_data, img_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                        device="cpu"):
+                        device="cpu", resolution=()):
     """A resumable, exactly-once loader of augmented views for ``cfg_data`` (``loader.PretrainLoader``),
-    delivering normalised batches on ``device``."""
+    delivering normalised batches on ``device``; ``resolution``: (first epoch, size) phases of the views."""
     from .loader import PretrainLoader
 
     views = build_views(cfg_data, img_size)
@@ -83,7 +83,7 @@ def build_pretrain_data(cfg_data, img_size: int, seed: int, rank: int = 0, world
                           cfg_data.batch_size, seed, cfg_data.num_workers, rank, world_size,
                           remainder=cfg_data.remainder, max_bad_fraction=cfg_data.max_bad_fraction,
                           fast_decode=cfg_data.fast_decode, device=device,
-                          decode=resolve_decode(cfg_data.decode, views, device))
+                          decode=resolve_decode(cfg_data.decode, views, device), resolution=resolution)
 
 
 def resolve_decode(decode: str, views, device) -> str:

@@ -171,7 +171,7 @@ def _decode(chunks: list[torch.Tensor], sizes: list[tuple[int, int]], device: to
     for img, (height, width) in zip(images, sizes):
         if isinstance(img, Exception) or tuple(img.shape[1:]) != (height, width):
             why = img if isinstance(img, Exception) else f"decoded {tuple(img.shape[1:])}, header {(height, width)}"
-            bad.append(f"undecodable on {device.type}: {str(why).splitlines()[-1]}")
+            bad.append(f"undecodable on {device.type}: {(str(why).splitlines() or [repr(why)])[-1]}")
             img = None
         out.append(img)
     return out, bad

@@ -48,7 +48,7 @@ from .gpu_decode import Deferred, collate_encoded, decode_batch, defer_views, de
 from .plan import EpochPlan, mix_seed
 from .resplit import LAYOUT, rest_of_epoch
 from .sources.imagefolder import ImageFolderSource
-from .views import ViewSpec, decode_views, mae_views, normalize_uint8, normalize_uint8_on
+from .views import ViewSpec, decode_views, mae_views, normalize_uint8, normalize_uint8_on, views_at
 
 log = logging.getLogger("mimscale.data")
 
@@ -99,6 +99,7 @@ class _Stream(IterableDataset):
         self.rank, self.workers, self.seed = loader.rank, loader.logical_workers, loader.seed
         self.fast, self.k0, self.rest = loader.fast_decode, k0, loader.rest
         self.defer = loader.decode == "gpu"  # JPEGs: plan the views, the main process decodes
+        self.resolution = loader.resolution
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -134,8 +135,9 @@ class _Stream(IterableDataset):
             return None, BadSample(rec.where, rec.key, rec.error)
         rng = random.Random(mix_seed(_AUG, self.seed, epoch, int(position)))
         try:
-            deferred = defer_views(rec.data, self.views, rng, rec.shape) if self.defer else None
-            return deferred or decode_views(rec.data, self.views, rng, rec.shape, self.fast), None
+            views = views_at(self.views, self.resolution, epoch)
+            deferred = defer_views(rec.data, views, rng, rec.shape) if self.defer else None
+            return deferred or decode_views(rec.data, views, rng, rec.shape, self.fast), None
         except Exception as e:  # noqa: BLE001 - any decode failure is a bad sample
             return None, BadSample(rec.where, rec.key, decode_reason(rec.data, e))
 
@@ -246,17 +248,20 @@ class PretrainLoader:
     samples of its epoch not read yet, split over this layout (``resplit.py``: every rank yields
     as many batches, which may differ from ``steps_per_epoch``), then the next epoch as usual;
     only other data (another sample count) goes on from the start of the next epoch, with a warning.
+    ``resolution``: ``(first epoch, size)`` phases; an epoch's views are made at its phase's size
+    (``schedule.resolution``).
     """
 
     def __init__(self, source, views: Sequence[ViewSpec], batch_size: int, seed: int = 0,
                  num_workers: int = 0, rank: int = 0, world_size: int = 1,
                  remainder: str = "drop", max_bad_fraction: float = 0.01, fast_decode: bool = True,
-                 device: torch.device | str = "cpu", decode: str = "cpu"):
+                 device: torch.device | str = "cpu", decode: str = "cpu", resolution=()):
         if not 0 <= max_bad_fraction <= 1:
             raise ValueError(f"max_bad_fraction {max_bad_fraction} must be in [0, 1]")
         if decode not in ("cpu", "gpu") or (decode == "gpu" and not device_ready(views)):
             raise ValueError(f"decode {decode!r}: 'cpu', or 'gpu' for views of random crops and flips only")
         self.decode = decode  # gpu: JPEGs are decoded in this process, on ``device`` (gpu_decode.py)
+        self.resolution = tuple((int(e), int(s)) for e, s in resolution)  # (first epoch, view size) phases
         self.source, self.views, self.seed = source, tuple(views), seed
         self.plan = EpochPlan(source.shard_sizes, batch_size, seed, world_size, remainder)
         self.plan.rank_slice(rank)  # validates rank
@@ -350,7 +355,7 @@ class PretrainLoader:
         """The worker's batch with its views decoded (``decode=gpu``) or normalised on the device."""
         if "jpeg" not in batch:
             return _normalize_views(batch, self.device)
-        views, failed = decode_batch(batch, self.views, self.device)
+        views, failed = decode_batch(batch, views_at(self.views, self.resolution, batch["epoch"]), self.device)
         sources = batch.pop("sources")
         self._account([BadSample(*sources[row], reason) for row, reason in failed])
         batch["images"] = views[0]

@@ -19,7 +19,7 @@ import io
 import math
 import random
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -69,6 +69,22 @@ def eval_views(img_size: int, crop_pct: float = 0.875) -> tuple[ViewSpec, ...]:
 
 
 VIEW_SETS = {"mae": mae_views, "mocov3": mocov3_views}
+
+
+def size_at(phases, epoch: int, default: int) -> int:
+    """The image size of ``epoch`` in a resolution schedule of ``(first epoch, size)`` phases in
+    ascending order (``schedule.resolution``); ``default`` when there are none."""
+    size = default
+    for start, phase_size in phases:
+        if epoch >= start:
+            size = phase_size
+    return size
+
+
+def views_at(specs, phases, epoch: int) -> tuple[ViewSpec, ...]:
+    """The views of ``epoch``: ``specs`` at the size of its phase of ``phases`` (as ``size_at``)."""
+    size = size_at(phases, epoch, specs[0].size)
+    return tuple(spec if spec.size == size else replace(spec, size=size) for spec in specs)
 
 
 def sample_crop(width: int, height: int, scale, ratio, rng: random.Random) -> tuple[int, int, int, int]:

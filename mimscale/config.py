@@ -234,6 +234,9 @@ class ScheduleConfig:
     max_steps: int | None = _opt(None, "optimizer steps; overrides epochs when set", ge=1)
     warmup_epochs: float = _opt(40.0, "linear warmup length in epochs", ge=0)
     warmup_steps: int | None = _opt(None, "warmup in steps; overrides warmup_epochs", ge=0)
+    resolution: list[tuple[int, int]] = _opt(
+        [], "low-resolution phase [X]: (epoch, image size) pairs from epoch 0 on, e.g. [[0, 160], [80, 224]]; "
+        "empty = model.img_size throughout")
 
 
 @dataclass
@@ -427,6 +430,7 @@ def _validate(cfg: Config, require: bool = True) -> None:
     if cfg.model.img_size % patch:
         raise ConfigError(f"model.img_size: {cfg.model.img_size} is not a multiple of the patch size {patch}")
     _validate_data(cfg.data)
+    _validate_resolution(cfg.schedule.resolution, patch)
     _validate_masking(cfg)
     _validate_engine(cfg)
     for i, b in enumerate(cfg.optim.betas):
@@ -472,6 +476,20 @@ def _validate_data(d: DataConfig) -> None:
     if piped and not d.allow_pipe:
         raise ConfigError(f"data.urls: {piped[0]!r} runs a shell command; set data.allow_pipe=true "
                           "to allow pipe: URLs")
+
+
+def _validate_resolution(phases, patch: int) -> None:
+    if not phases:
+        return
+    epochs = [e for e, _ in phases]
+    if epochs[0] != 0:
+        raise ConfigError(f"schedule.resolution: the first phase must start at epoch 0, got {[list(p) for p in phases]}")
+    if any(a >= b for a, b in zip(epochs, epochs[1:])):
+        raise ConfigError(f"schedule.resolution: epochs must be strictly ascending, got {epochs}")
+    for epoch, size in phases:
+        if size <= 0 or size % patch:
+            raise ConfigError(f"schedule.resolution: size {size} (from epoch {epoch}) must be a positive "
+                              f"multiple of the patch size {patch}")
 
 
 def _validate_engine(cfg: Config) -> None:

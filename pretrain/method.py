@@ -9,6 +9,7 @@ the student's official-MAE-layout weights, never mixed into them.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from typing import NamedTuple
 
@@ -152,7 +153,7 @@ class MIMMethod(nn.Module):
         """The strategy's input mask for a batch (and the score behind it), without training anything.
         ``cached``: the batch's maps from the score cache, warped here into the view."""
         shared = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)  # same on every rank
-        grid = tuple(self.student.grid_size)
+        grid = tuple(self.student.patch_embed.grid_for(images))
         ctx = MaskingContext(images, grid, self.score_network, self.epoch, self._progress_epoch(),
                              self.step / max(1, self.total_steps), generator, shared,
                              cached.warp(grid) if cached is not None else None)
@@ -162,7 +163,7 @@ class MIMMethod(nn.Module):
     def score_maps(self, images: torch.Tensor) -> torch.Tensor:
         """The strategy's score maps of full images, ``[B, C, gh, gw]`` (the score cache's refresh pass)."""
         maps = self.strategy.score_maps(self.score_network, images)
-        return maps.unflatten(-1, tuple(self.student.grid_size))
+        return maps.unflatten(-1, tuple(self.student.patch_embed.grid_for(images)))
 
     # ------------------------------------------------------------------ step
 
@@ -205,7 +206,7 @@ class MIMMethod(nn.Module):
         if self.cc.weight > 0:
             h_v = self.cc_projector(out.latent[:, 0])
             with torch.no_grad():  # the masked set through the encoder, without gradient
-                shown = None if masked.visible is None else self.student.num_patches - masked.visible
+                shown = None if masked.visible is None else masked.mask.shape[1] - masked.visible
                 h_m = self.cc_projector(self.student.encode(images, ~masked.mask, visible=shown).latent[:, 0])
             if self.cc.variant == "nce":
                 term = ccmim_nce(h_v, h_m, self.cc.tau)
@@ -217,7 +218,8 @@ class MIMMethod(nn.Module):
 
     def _student_cls(self, images: torch.Tensor) -> torch.Tensor:
         """The student encoder's CLS after the final norm on the full image, with gradient."""
-        visible = torch.zeros(images.shape[0], self.student.num_patches, dtype=torch.bool, device=images.device)
+        n = math.prod(self.student.patch_embed.grid_for(images))
+        visible = torch.zeros(images.shape[0], n, dtype=torch.bool, device=images.device)
         return self.student.forward_encoder(images, visible)[:, 0]
 
     @torch.no_grad()

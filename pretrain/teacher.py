@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from mimscale.errors import CheckpointError
+from mimscale.pretrain.models.vit import patch_positions
 
 
 def ema_momentum(step: int, total_steps: int, base: float = 0.996, final: float = 1.0) -> float:
@@ -73,7 +74,7 @@ class TeacherEncoder(nn.Module):
         """CLS after the final norm on the full image, ``[B, D]`` (the momentum branch of CAMAE)."""
         if self.norm is None:
             raise RuntimeError("this teacher was truncated for scoring; a momentum encoder needs every block")
-        x = self.patch_embed(images) + self.pos_embed[:, 1:]
+        x = self.patch_embed(images) + patch_positions(self, images)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls.to(x.dtype), x], dim=1)
         for blk in self.blocks:

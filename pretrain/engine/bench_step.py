@@ -130,7 +130,7 @@ def measure(cfg, warmup: int, steps: int, data: str, profile: Path | None = None
     per_step = cfg.data.batch_size * cfg.optim.accum_steps * trainer.env.world_size
     images_per_s = steps * per_step / elapsed
     rates = trainer.throughput.of(images_per_s)
-    return {"recipe": cfg.recipe, "model": cfg.model.name, "img_size": cfg.model.img_size,
+    return {"recipe": cfg.recipe, "model": cfg.model.name, "img_size": trainer.img_size(trainer.data.epoch),
             "batch": cfg.data.batch_size, "accum_steps": cfg.optim.accum_steps, "precision": cfg.engine.precision,
             "compile": trainer.backend.compile, "attention": cfg.engine.attention, "device": _device_name(device),
             "data": data, "decode": getattr(trainer.data, "decode", "cpu"), "steps": steps,

@@ -44,6 +44,6 @@ def reconstruction_grid(model, images: torch.Tensor, pred: torch.Tensor, mask: t
 def _visible(model, mask: torch.Tensor) -> torch.Tensor:
     """Pixel map [B, 1, H, W]: 1 where the patch is visible, 0 where hidden."""
     p = model.patch_size
-    gh, gw = model.grid_size
+    gh, gw = model.token_grid(mask.shape[1])
     vis = (~mask).float().reshape(-1, 1, gh, gw)
     return vis.repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)

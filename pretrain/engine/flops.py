@@ -127,14 +127,16 @@ class StepFlops:
                           f"({self.batch} images x {self.accum} micro-steps)"])
 
 
-def step_flops(cfg, visible: int | None = None, world_size: int = 1) -> StepFlops:
-    """FLOPs of one training step of ``cfg`` (recipe + overrides), per image and per step.
+def step_flops(cfg, visible: int | None = None, world_size: int = 1, img_size: int | None = None) -> StepFlops:
+    """FLOPs of one training step of ``cfg`` (recipe + overrides), per image and per step, at
+    ``img_size`` (default ``model.img_size``; a phase of ``schedule.resolution`` trains at another).
 
     ``visible``: the input mask's visible patches per image (default ``int(N·(1−ratio))``);
     ``world_size``: ranks whose keys the contrastive losses gather (their matmuls grow with it).
     """
     m = cfg.model
-    student = ViT.named(m.name, m.img_size, m.patch_size)
+    size = img_size or m.img_size
+    student = ViT.named(m.name, size, m.patch_size)
     n, dim = student.num_patches, student.dim
     k = num_visible(n, cfg.masking.ratio) if visible is None else visible
     parts: dict[str, Part] = {}
@@ -149,7 +151,7 @@ def step_flops(cfg, visible: int | None = None, world_size: int = 1) -> StepFlop
                + linear(n, dd, student.patch ** 2 * student.in_chans))
     parts["decoder"] = trained(decoder)
 
-    scoring = _scoring(cfg, student, _teacher(cfg, student))
+    scoring = _scoring(cfg, student, _teacher(cfg, student, size))
     if scoring and cfg.masking.score_cache.every_epochs:
         parts["score_cache_refresh"] = Part(scoring / refresh_interval(cfg))
     elif scoring:
@@ -199,10 +201,10 @@ def _shot_widths(cfg, vit: ViT, k: int) -> tuple[list[tuple[int, int]], float]:
     return widths, guides
 
 
-def _teacher(cfg, student: ViT) -> ViT | None:
+def _teacher(cfg, student: ViT, img_size: int) -> ViT | None:
     t = cfg.teacher
     if t.type == "frozen":
-        return ViT.named(t.model or cfg.model.name, cfg.model.img_size, cfg.model.patch_size)
+        return ViT.named(t.model or cfg.model.name, img_size, cfg.model.patch_size)
     return student if t.type == "ema" else None
 
 

@@ -9,6 +9,7 @@ at the end, and at the step boundary after a preemption signal, after which the 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,7 @@ from torch import nn
 from mimscale.config import Config, to_dict, to_yaml
 from mimscale.data_pipeline.bad_samples import append_jsonl
 from mimscale.data_pipeline.build import build_pretrain_data
+from mimscale.data_pipeline.views import size_at
 from mimscale.pretrain.masking.score_cache import build_score_cache, full_view_reader
 from mimscale.pretrain.method import MIMMethod
 
@@ -37,6 +39,7 @@ from .preemption import PreemptionHandler
 from .rng import rng_state, seed_everything, set_rng_state, step_generator
 from .schedule import cosine_lr, scaled_lr
 
+_log = logging.getLogger("mimscale.pretrain")
 BAD_SAMPLES_FILE = "bad_samples.jsonl"  # the run's unreadable samples, one JSON line each
 
 
@@ -95,7 +98,8 @@ class Trainer:
         self.backend.wrap(MIMMethod(cfg))
         self.method: MIMMethod = self.backend.module
         self.data = build_pretrain_data(cfg.data, cfg.model.img_size, cfg.engine.seed,
-                                        self.env.rank, self.env.world_size, self.backend.device)
+                                        self.env.rank, self.env.world_size, self.backend.device,
+                                        cfg.schedule.resolution)
         self._batches: _OneAhead | None = None  # the loader as the running loop reads it
         seed_everything(cfg.engine.seed + self.env.rank)  # per-rank stream for drop path etc.
 
@@ -119,8 +123,8 @@ class Trainer:
         self.start_step = self.step
         if self.env.is_main:
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-        self.throughput = Throughput(step_flops(cfg, world_size=self.env.world_size), self.env.world_size,
-                                     peak_tflops(self.backend.device, cfg.engine.precision, cfg.engine.peak_tflops))
+        self._throughputs: dict[int, Throughput] = {}
+        self.throughput = self._throughput(self.data.epoch)
         self.logger = RunLogger(self.run_dir, self.env.is_main, self.total_steps, self.step,
                                 cfg.logging.tensorboard, cfg.logging.progress)
         self.score_cache = build_score_cache(cfg, self.method, self.data.plan.num_samples,
@@ -128,12 +132,27 @@ class Trainer:
                                              resumed=resume_from is not None)
         self.logger.print(
             f"mimscale pretrain: recipe={cfg.recipe} model={cfg.model.name} img={cfg.model.img_size} "
-            f"backend={self.backend.name}{f' zero{cfg.engine.zero_stage}' if self.backend.name == 'deepspeed' else ''} "
+            + "".join(f"(from epoch {e}: {s}) " for e, s in cfg.schedule.resolution)
+            + f"backend={self.backend.name}{f' zero{cfg.engine.zero_stage}' if self.backend.name == 'deepspeed' else ''} "
             f"ranks={self.env.world_size} batch/rank={cfg.data.batch_size} accum={accum} "
             f"effective_batch={self.effective_batch} lr={self.lr:.3g} "
             f"({'optim.lr' if cfg.optim.lr else f'blr {cfg.optim.blr:g} x {self.effective_batch}/256'}) "
             f"steps={self.total_steps} ({self.steps_per_epoch}/epoch, warmup {self.warmup_steps})"
             + (f" resumed at step {self.step} from {resume_from}" if resume_from else ""))
+
+    def img_size(self, epoch: int) -> int:
+        """The image size of ``epoch``: its ``schedule.resolution`` phase, else ``model.img_size``."""
+        return size_at(self.cfg.schedule.resolution, epoch, self.cfg.model.img_size)
+
+    def _throughput(self, epoch: int) -> Throughput:
+        """FLOPs -> TFLOP/s and MFU at the image size of ``epoch`` (a resolution phase changes them)."""
+        size = self.img_size(epoch)
+        if size not in self._throughputs:
+            cfg = self.cfg
+            self._throughputs[size] = Throughput(
+                step_flops(cfg, world_size=self.env.world_size, img_size=size), self.env.world_size,
+                peak_tflops(self.backend.device, cfg.engine.precision, cfg.engine.peak_tflops))
+        return self._throughputs[size]
 
     # ------------------------------------------------------------------ state
 
@@ -147,6 +166,7 @@ class Trainer:
             "world_size": self.env.world_size,
             "step": self.step,
             "data": self._data_position(),
+            "img_size": self.img_size(self._data_position()["epoch"]),  # of the next batch
             "data_per_rank": data_per_rank,
             "bad_samples": sum(d.get("bad_samples", 0) for d in data_per_rank),  # all ranks, whole run
             "rng": self.backend.all_gather_object(rng_state()),
@@ -192,6 +212,10 @@ class Trainer:
         else:  # rank 0 carries the run's bad-sample count on, so the sum over ranks stays the run's
             total = state.get("bad_samples", sum(d.get("bad_samples", 0) for d in data))
             self.data.load_state_dict({**data[0], "bad_samples": total if self.env.is_main else 0})
+        size, saved = self.img_size(self.data.epoch), state.get("img_size")
+        if saved is not None and saved != size:
+            _log.warning("schedule.resolution: the checkpoint's next batch was at %d px; this config's "
+                         "schedule gives %d px at epoch %d, which the run uses", saved, size, self.data.epoch)
         self.guard.load_state_dict(state.get("guard", {}))
         rngs = state["rng"]
         if len(rngs) == self.env.world_size:
@@ -306,12 +330,15 @@ class Trainer:
                 self.guard.check()
             if log:
                 means, images_per_s = window.flush()
+                self.throughput = self._throughput(epoch)
                 norm = float(grad_norm)  # the last step's
                 metrics = {"epoch": epoch, **means, "lr": self.optimizer.param_groups[0]["lr"],
                            "grad_norm": norm if math.isfinite(norm) else None, "images_per_s": images_per_s,
                            **self.throughput.of(images_per_s),
                            "data_wait_ms": wait.flush_ms(), "skipped_steps": self.guard.skipped,
                            "bad_samples": self._report_bad_samples()}
+                if cfg.schedule.resolution:
+                    metrics["img_size"] = self.img_size(epoch)
                 self.logger.log(self.step, metrics)
                 if "loss" in means:
                     losses.append((self.step, means["loss"]))

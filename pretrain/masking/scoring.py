@@ -11,10 +11,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mimscale.pretrain.models.vit import patch_positions
+
 
 def input_tokens(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Patch embedding + positional embedding, ``[B, N, D]``, CLS excluded (SBAM's X)."""
-    return encoder.patch_embed(images) + encoder.pos_embed[:, 1:, :]
+    return encoder.patch_embed(images) + patch_positions(encoder, images)
 
 
 def _with_cls(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:

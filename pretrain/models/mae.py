@@ -7,13 +7,14 @@ initialisation follow the official pretraining checkpoints exactly.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from .packed import Segments, resolve_varlen
-from .vit import Block, PatchEmbed, get_2d_sincos_pos_embed
+from .vit import Block, PatchEmbed, get_2d_sincos_pos_embed, patch_positions, resample_positions
 
 
 class MAEOutput(NamedTuple):
@@ -124,19 +125,29 @@ class MaskedAutoencoderViT(nn.Module):
     def num_patches(self) -> int:
         return self.patch_embed.num_patches
 
+    def token_grid(self, n: int) -> tuple[int, int]:
+        """The patch grid of ``n`` tokens: the built grid, or the square grid of a resolution
+        phase (square images at another size than ``img_size``)."""
+        if n == self.num_patches:
+            return self.grid_size
+        side = math.isqrt(n)
+        if side * side != n or self.grid_size[0] != self.grid_size[1]:
+            raise ValueError(f"{n} patches are not a grid this model runs at (built for {self.grid_size})")
+        return (side, side)
+
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token", "mask_token", "decoder_pos_embed"}
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W] -> [B, N, p*p*C]``, per-patch pixel order (row, col, channel) as MAE."""
-        p, (gh, gw), c = self.patch_size, self.grid_size, self.in_chans
+        p, (gh, gw), c = self.patch_size, self.patch_embed.grid_for(imgs), self.in_chans
         x = imgs.reshape(imgs.shape[0], c, gh, p, gw, p)
         x = torch.einsum("nchpwq->nhwpqc", x)
         return x.reshape(imgs.shape[0], gh * gw, p * p * c)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, N, p*p*C] -> [B, C, H, W]``; inverse of :meth:`patchify`."""
-        p, (gh, gw), c = self.patch_size, self.grid_size, self.in_chans
+        p, (gh, gw), c = self.patch_size, self.token_grid(x.shape[1]), self.in_chans
         x = x.reshape(x.shape[0], gh, gw, p, p, c)
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, gh * p, gw * p)
@@ -158,11 +169,9 @@ class MaskedAutoencoderViT(nn.Module):
         return ids, pad
 
     def _check_mask(self, mask: torch.Tensor) -> None:
-        if mask.dtype != torch.bool or mask.dim() != 2 or mask.shape[1] != self.num_patches:
-            raise ValueError(
-                f"mask must be a bool tensor [B, {self.num_patches}], got "
-                f"{mask.dtype} {tuple(mask.shape)}"
-            )
+        if mask.dtype != torch.bool or mask.dim() != 2:
+            raise ValueError(f"mask must be a bool tensor [B, N], got {mask.dtype} {tuple(mask.shape)}")
+        self.token_grid(mask.shape[1])  # N: the patches of a grid this model runs at
 
     # ------------------------------------------------------------------------------- forward
     def encode(self, imgs: torch.Tensor, mask: torch.Tensor, plan=None,
@@ -171,10 +180,14 @@ class MaskedAutoencoderViT(nn.Module):
         hide more patches inside the encoder, before the blocks it names. ``visible``: see
         ``visible_slots``. With ``varlen`` other than ``padded``, unequal counts (or a plan) run
         packed (``encode_packed``)."""
+        n = math.prod(self.patch_embed.grid_for(imgs))
+        if mask.shape[-1] != n:
+            raise ValueError(f"mask must be a bool tensor [B, {n}] for images of {tuple(imgs.shape[-2:])}, "
+                             f"got {mask.dtype} {tuple(mask.shape)}")
         if self.varlen != "padded" and (visible is None or plan is not None):
             return self.encode_packed(imgs, mask, plan, generator, visible)
         ids, pad = self.visible_slots(mask, visible)
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+        x = self.patch_embed(imgs) + patch_positions(self, imgs)
         x = torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls.to(x.dtype), x], dim=1)
@@ -182,7 +195,7 @@ class MaskedAutoencoderViT(nn.Module):
         kpm = None if visible is not None else _with_cls(pad)  # equal counts: nothing padded
         for j, blk in enumerate(self.blocks):
             if plan is not None and j in plan.layers:
-                x, ids, pad, hidden = plan.apply(j, blk, x, ids, pad, self.num_patches, generator)
+                x, ids, pad, hidden = plan.apply(j, blk, x, ids, pad, n, generator)
                 shot_masks.append(hidden)
                 kpm = _with_cls(pad)
             x = blk(x, key_padding_mask=kpm)
@@ -203,7 +216,7 @@ class MaskedAutoencoderViT(nn.Module):
         ids = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)[:, :width]
         pad = torch.arange(width, device=mask.device)[None, :] >= dev_counts[:, None]
         seg = Segments.of([c + 1 for c in counts], dev_counts + 1, resolve_varlen(self.varlen))
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+        x = self.patch_embed(imgs) + patch_positions(self, imgs)
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(B, -1, -1)
         x = torch.cat([cls.to(x.dtype), x], dim=1).flatten(0, 1)  # [B·(1+N), D]
         slots = torch.cat([ids.new_zeros(ids.shape[0], 1), 1 + ids], dim=1)  # CLS, then the visible patches
@@ -237,12 +250,14 @@ class MaskedAutoencoderViT(nn.Module):
                              f"{ids.shape[1]} visible patches")
         x = self.decoder_embed(latent)  # [B, 1+K, Dd]
         B, _, Dd = x.shape
-        n = self.num_patches
+        n = mask.shape[1]
         # padded slots scatter into a spare column N that is dropped: they never reach the output
         target = torch.where(pad, torch.full_like(ids, n), ids)
         full = self.mask_token.to(x.dtype).expand(B, n + 1, Dd)
         full = torch.scatter(full, 1, target.unsqueeze(-1).expand(-1, -1, Dd), x[:, 1:])[:, :n]
-        x = torch.cat([x[:, :1], full], dim=1) + self.decoder_pos_embed
+        pos = self.decoder_pos_embed
+        pos = torch.cat([pos[:, :1], resample_positions(pos[:, 1:], self.grid_size, self.token_grid(n))], dim=1)
+        x = torch.cat([x[:, :1], full], dim=1) + pos
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_norm(x)[:, 1:]

@@ -43,9 +43,16 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size,
                               stride=self.patch_size)
 
+    def grid_for(self, x: torch.Tensor) -> tuple[int, int]:
+        """The patch grid of images ``x`` (any size divisible by the patch size: a resolution
+        phase trains at other sizes than ``img_size``, the size the position table is built for)."""
+        (h, w), (ph, pw) = x.shape[-2:], self.patch_size
+        if h % ph or w % pw:
+            raise ValueError(f"input size {(h, w)} is not divisible by patch_size {self.patch_size}")
+        return (h // ph, w // pw)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f"input size {tuple(x.shape[-2:])} != model img_size {self.img_size}")
+        self.grid_for(x)
         return self.proj(x).flatten(2).transpose(1, 2)  # [B, D, gh, gw] -> [B, N, D]
 
 
@@ -122,6 +129,25 @@ class Block(nn.Module):
             return x + packed.drop_path(self.mlp(self.norm2(x)), prob, segments, self.training)
         x = x + self.drop_path(self.attn(self.norm1(x), key_padding_mask=key_padding_mask))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def resample_positions(rows: torch.Tensor, grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
+    """The patch rows ``[1, gh*gw, D]`` of a position table at another grid ``[1, gh'*gw', D]``:
+    bicubic, antialiased when shrinking, in float32 (timm's rule for a new input size). At the
+    table's own grid, the rows themselves."""
+    if tuple(new_grid) == tuple(grid):
+        return rows
+    dim = rows.shape[-1]
+    x = rows.float().reshape(1, *grid, dim).permute(0, 3, 1, 2)
+    x = F.interpolate(x, size=tuple(new_grid), mode="bicubic", align_corners=False, antialias=True)
+    return x.permute(0, 2, 3, 1).reshape(1, -1, dim).to(rows.dtype)
+
+
+def patch_positions(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``encoder.pos_embed``'s patch rows for the grid of ``images`` ([1, N, D]); ``encoder`` has
+    ViT parts under timm names (``patch_embed``, ``pos_embed`` with a CLS row)."""
+    embed = encoder.patch_embed
+    return resample_positions(encoder.pos_embed[:, 1:], embed.grid_size, embed.grid_for(images))
 
 
 def _sincos_1d(embed_dim: int, pos: np.ndarray) -> np.ndarray:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mimscale.pretrain.models.vit import Block
+from mimscale.pretrain.models.vit import Block, resample_positions
 
 
 def zscore(g: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -55,7 +55,7 @@ class MAMDecoder(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, num_heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pred = nn.Linear(dim, 1)
-        self._slots = student.visible_slots
+        self._slots, self._grid, self.grid = student.visible_slots, student.token_grid, tuple(student.grid_size)
 
     def forward(self, latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         ids, pad = self._slots(mask)
@@ -65,7 +65,8 @@ class MAMDecoder(nn.Module):
         target = torch.where(pad, torch.full_like(ids, n), ids)
         full = self.mask_token.to(x.dtype).expand(B, n + 1, D)
         full = torch.scatter(full, 1, target.unsqueeze(-1).expand(-1, -1, D), x[:, 1:])[:, :n]
-        x = torch.cat([x[:, :1], full], dim=1) + self.pos_embed
+        pos = torch.cat([self.pos_embed[:, :1], resample_positions(self.pos_embed[:, 1:], self.grid, self._grid(n))], 1)
+        x = torch.cat([x[:, :1], full], dim=1) + pos
         for blk in self.blocks:
             x = blk(x)
         return self.pred(self.norm(x))[:, 1:].squeeze(-1)
