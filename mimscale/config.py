@@ -85,9 +85,10 @@ class DataConfig:
     views: str = _opt("mae", "augmented views per image: MAE's one, or MoCo v3's two",
                       choices=("mae", "mocov3"))
     fast_decode: bool = _opt(True, "decode JPEGs at the smallest DCT scale the crop allows")
-    decode: str = _opt("auto", "where JPEGs are decoded: cpu (loader workers), gpu (the main process, on the "
+    decode: str = _opt("cpu", "where JPEGs are decoded: cpu (loader workers), gpu (the main process, on the "
                        "training device: nvJPEG on CUDA, the same code on a CPU run), auto (gpu when training "
-                       "on CUDA with data.views=mae)", choices=("cpu", "gpu", "auto"))
+                       "on CUDA with data.views=mae). cpu by default: on an H200 the gpu path was no faster "
+                       "than 15 workers and once failed (docs/performance.md)", choices=("cpu", "gpu", "auto"))
     crop_scale: tuple[float, float] = _opt((0.2, 1.0), "RandomResizedCrop area range [MAE]")
     hflip: bool = _opt(True, "random horizontal flip [MAE]")
     synthetic_images: int = _opt(2048, "images generated when source=synthetic", gt=0)
