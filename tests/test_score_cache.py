@@ -222,3 +222,14 @@ def test_flops_count_one_scoring_pass_per_k_epochs(tiny_config):
     assert "scoring" not in cached.parts
     assert cached.parts["score_cache_refresh"].forward == pytest.approx(online.parts["scoring"].forward / 4)
     assert cached.per_image == pytest.approx(online.per_image - 0.75 * online.parts["scoring"].forward)
+
+
+def test_the_refresh_reads_every_id_once_whatever_the_workers(tmp_path):
+    from mimscale.data_pipeline.sources.imagefolder import ImageFolderSource
+    from mimscale.data_pipeline.synthetic import ensure_imagefolder
+
+    source = ImageFolderSource(ensure_imagefolder(tmp_path, 10, size=24))
+    runs = [list(full_view_reader(source, 16, 4, w, torch.device("cpu"))(np.arange(2, 9))) for w in (0, 2)]
+    (ids0, images0), (ids2, images2) = [(torch.cat([i for i, _ in r]), torch.cat([x for _, x in r])) for r in runs]
+    assert ids0.tolist() == list(range(2, 9)) and sorted(ids2.tolist()) == ids0.tolist()
+    assert torch.equal(images2[ids2.argsort()], images0) and images0.shape == (7, 3, 16, 16)

@@ -226,12 +226,13 @@ class _FullViews(IterableDataset):
 def full_view_reader(source, size: int, batch_size: int, num_workers: int, device: torch.device,
                      fast: bool = True):
     """``read_fn`` for :meth:`ScoreCache.ensure`: normalised full-image views on ``device``."""
+    from mimscale.data_pipeline.loader import _worker_init
     from mimscale.data_pipeline.views import normalize_uint8_on
 
     def read(ids: np.ndarray):
         data = _FullViews(source, ids, size, batch_size, fast)
         batches = iter(data) if num_workers == 0 else iter(DataLoader(
-            data, batch_size=None, num_workers=num_workers,
+            data, batch_size=None, num_workers=num_workers, worker_init_fn=_worker_init,  # as training's
             generator=torch.Generator().manual_seed(0)))  # not from the global RNG: training's draws stay put
         for chunk, images in batches:
             yield chunk, normalize_uint8_on(images, device)
