@@ -181,3 +181,23 @@ def test_a_shot_that_leaves_no_patch_token():
     out = model(images, mask, plan, torch.Generator().manual_seed(0))
     assert out.mask.all() and out.latent.shape == (2, 1, 48)
     torch.testing.assert_close(out.pred, ref.pred, rtol=0, atol=1e-5)
+
+
+# on a GPU machine the CUDA kernels too (varlen flash / efficient for nested, compiled flex), with
+# gradients; no CI machine has one, so nothing is skipped there
+if torch.cuda.is_available():
+    @pytest.mark.parametrize("kernel", ["nested", "flex"])
+    def test_packed_on_cuda_equals_each_image_alone(kernel):
+        model = tiny().cuda()
+        images, mask = torch.randn(4, 3, 32, 32, device="cuda"), ragged_mask(COUNTS).cuda()
+        model.varlen = kernel
+        out = model(images, mask)
+        out.loss_per_image.sum().backward()
+        packed = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        refs = alone(model, images, mask)
+        sum(r.loss_per_image.sum() for r in refs).backward()
+        torch.testing.assert_close(out.pred, torch.cat([r.pred for r in refs]), rtol=0, atol=1e-4)
+        for k, p in model.named_parameters():
+            if p.grad is not None:
+                torch.testing.assert_close(packed[k], p.grad, rtol=1e-3, atol=1e-4, msg=k)
