@@ -120,3 +120,5 @@ def test_bench_masking_rows_are_checked(capsys):
     assert main(["bench", "masking", "--rows", "block,nope"]) == 2
     err = capsys.readouterr().err
     assert "'nope'" in err and "cmae_2shot (gpa-guided)" in err and "'block'" not in err
+    assert main(["bench", "masking", "--device", "cpu", "--varlen", "flex"]) == 2
+    assert "no backward on a CPU" in capsys.readouterr().err

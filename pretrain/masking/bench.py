@@ -65,6 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rows", default=None,
                    help="comma-separated label prefixes of the rows to run (the MAE row always runs)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--varlen", choices=("nested", "flex"), default="nested",
+                   help="attention kernel of the (packed) rows (flex needs CUDA: no backward on a CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
 
@@ -113,12 +115,17 @@ def run(args: argparse.Namespace) -> int:
     steps = args.steps_per_round or (3 if device.type == "cuda" else 1)
     if args.rounds < 1 or args.warmup_rounds < 0 or steps < 1:
         raise UserError("--rounds and --steps-per-round must be >= 1, --warmup-rounds >= 0")
+    if args.varlen == "flex" and device.type != "cuda":
+        raise UserError("--varlen flex: FlexAttention has no backward on a CPU; use --varlen nested there")
     base = [f"model.name={args.model}", f"model.img_size={args.img_size}", "data.source=synthetic",
             f"data.batch_size={args.batch}", "optim.accum_steps=1"]
-    images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
+    # smooth images (upsampled 7×7 noise): on white noise SBAM's salience is flat and every AMR image
+    # falls back to the centre ratio, so the AMR rows would not be ragged at all
+    coarse = torch.randn(args.batch, 3, 7, 7, generator=torch.Generator().manual_seed(0))
+    images = torch.nn.functional.interpolate(coarse, size=args.img_size, mode="bicubic").to(device)
     rows, visible, every = [], {}, {}
     for label, overrides in select(args.rows):
-        cfg = load_config(base + overrides)
+        cfg = load_config(base + [o.replace("varlen=nested", f"varlen={args.varlen}") for o in overrides])
         torch.manual_seed(0)
         method = MIMMethod(cfg).to(device).train()
         opt = torch.optim.AdamW(param_groups(method, 0.05), lr=1e-4)
