@@ -253,9 +253,9 @@ class EngineConfig:
     threads: int | None = _opt(None, "torch intra-op threads per process; null = torch default", ge=1)
     activation_checkpointing: bool = _opt(False, "recompute each transformer block in backward: "
                                           "less activation memory for ~30% more compute")
-    compile: bool | str = _opt("auto", "torch.compile each transformer block; auto = on CUDA (+40 % "
-                               "images/s for ViT-L on an H200, docs/performance.md), off on CPUs "
-                               "(slow to start)", choices=(True, False, "auto"))
+    compile: bool | str = _opt("auto", "torch.compile each transformer block; auto = on CUDA under ddp and "
+                               "fsdp (+20-40 % images/s on an H200, docs/performance.md), off on CPUs "
+                               "(slow to start) and under deepspeed", choices=(True, False, "auto"))
     attention: str = _opt("auto", "scaled-dot-product attention kernel: auto = torch's choice, or "
                           "only the named one (CUDA: flash, cudnn, efficient; math anywhere)",
                           choices=("auto", "flash", "cudnn", "efficient", "math"))

@@ -57,7 +57,7 @@ def build_model(cfg) -> nn.Module:
     model = build_mae(m.name, **overrides)
     varlen = cfg.engine.varlen
     if varlen == "auto":  # per-block compile would recompile at every packed length
-        varlen = "padded" if resolve_compile(cfg.engine.compile, device_of(cfg.engine.device)) else "nested"
+        varlen = "padded" if resolve_compile(cfg.engine.compile, device_of(cfg.engine.device), cfg.engine.backend) else "nested"
     model.varlen = varlen
     return model
 

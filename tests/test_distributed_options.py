@@ -94,7 +94,8 @@ def test_bad_engine_settings_are_named(tiny_config, override, message):
 
 def test_compile_auto_compiles_on_cuda_only(tiny_config):
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert resolve_compile("auto", cuda) and not resolve_compile("auto", cpu)
+    assert resolve_compile("auto", cuda) and resolve_compile("auto", cuda, "fsdp") and not resolve_compile("auto", cpu)
+    assert not resolve_compile("auto", cuda, "deepspeed") and resolve_compile(True, cuda, "deepspeed")
     assert resolve_compile(True, cpu) and not resolve_compile(False, cuda)
     assert tiny_config().engine.compile == "auto" and tiny_config("engine.compile=true").engine.compile is True
     with pytest.raises(ConfigError, match="valid: True, False, auto"):

@@ -81,10 +81,14 @@ def device_of(name: str) -> torch.device:
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
-def resolve_compile(compile: bool | str, device: torch.device) -> bool:
-    """``engine.compile``: ``auto`` compiles on CUDA, where it was measured to pay (docs/performance.md),
-    and not on a CPU, where compiling costs minutes and gains little."""
-    return device.type == "cuda" if compile == "auto" else bool(compile)
+def resolve_compile(compile: bool | str, device: torch.device, backend: str = "ddp") -> bool:
+    """``engine.compile``: ``auto`` compiles on CUDA under ddp and fsdp, where it was measured to pay
+    (docs/performance.md; FSDP2 shards the compiled blocks, torchtitan's order), and not on a CPU,
+    where compiling costs minutes and gains little, nor under DeepSpeed, whose ZeRO-3 hooks on every
+    module have not run compiled here."""
+    if compile == "auto":
+        return device.type == "cuda" and backend != "deepspeed"
+    return bool(compile)
 
 
 _ATTENTION_KERNELS = {"flash": "flash", "cudnn": "cudnn", "efficient": "mem_efficient", "math": "math"}
@@ -321,7 +325,7 @@ def build_backend(cfg_engine, env: DistEnv, cfg_optim=None, micro_batch: int | N
     device = resolve_device(cfg_engine.device, env)
     use_attention_kernel(getattr(cfg_engine, "attention", "auto"), device)
     options = dict(activation_checkpointing=getattr(cfg_engine, "activation_checkpointing", False),
-                   compile=resolve_compile(getattr(cfg_engine, "compile", False), device))
+                   compile=resolve_compile(getattr(cfg_engine, "compile", False), device, cfg_engine.backend))
     if cfg_engine.backend == "ddp":
         return DDPBackend(device, env, cfg_engine.precision, **options)
     if cfg_engine.backend == "fsdp":
