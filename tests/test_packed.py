@@ -151,7 +151,8 @@ def test_drop_path_is_per_image_on_packed_rows():
 
 
 def test_config_varlen_choices_and_auto():
-    assert build_model(load_config(["model.name=mae_vit_tiny_patch16", "model.img_size=32", "data.source=synthetic"])).varlen == "nested"
+    model = build_model(load_config(["model.name=mae_vit_tiny_patch16", "model.img_size=32", "data.source=synthetic"]))
+    assert model.varlen == "auto" and not model._packs(torch.zeros(1, device="cpu"), None, None)
     compiled = load_config(["model.name=mae_vit_tiny_patch16", "model.img_size=32", "data.source=synthetic",
                          "engine.compile=true"])
     assert build_model(compiled).varlen == "padded"
