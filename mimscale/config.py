@@ -261,8 +261,8 @@ class EngineConfig:
                           choices=("auto", "flash", "cudnn", "efficient", "math"))
     varlen: str = _opt("auto", "how the encoder runs images of unequal visible counts (AMR, multi-shot): "
                        "packed without padding with per-image attention, nested (SDPA on nested jagged "
-                       "tensors) or flex (FlexAttention; no backward on CPUs); auto = nested, or padded "
-                       "under engine.compile; padded = each batch padded to its largest count",
+                       "tensors) or flex (FlexAttention; no backward on CPUs); auto = nested on CUDA, padded "
+                       "on CPUs (measured faster there) and under engine.compile; padded = each batch padded to its largest count",
                        choices=("auto", "nested", "flex", "padded"))
     cpu_offload: bool = _opt(False, "keep sharded params/grads (fsdp) or optimizer state (deepspeed) "
                              "in CPU memory")

@@ -55,10 +55,9 @@ def build_model(cfg) -> nn.Module:
     if m.patch_size is not None:
         overrides["patch_size"] = m.patch_size
     model = build_mae(m.name, **overrides)
-    varlen = cfg.engine.varlen
-    if varlen == "auto":  # per-block compile would recompile at every packed length
-        varlen = "padded" if resolve_compile(cfg.engine.compile, device_of(cfg.engine.device), cfg.engine.backend) else "nested"
-    model.varlen = varlen
+    # per-block compile would recompile at every packed length; auto is resolved per device in encode
+    compiled = resolve_compile(cfg.engine.compile, device_of(cfg.engine.device), cfg.engine.backend)
+    model.varlen = "padded" if cfg.engine.varlen == "auto" and compiled else cfg.engine.varlen
     return model
 
 

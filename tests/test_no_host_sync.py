@@ -150,7 +150,7 @@ def test_guided_masking_reads_the_host_only_for_ragged_counts(tiny_config, monke
     from mimscale.pretrain.method import MIMMethod
 
     torch.manual_seed(0)
-    method = MIMMethod(tiny_config(*overrides)).train()
+    method = MIMMethod(tiny_config(*overrides, "engine.varlen=nested")).train()  # packed, as auto on CUDA
     images = torch.randn(4, 3, 32, 32)
     reads = HostReads()
     for name in READS:

@@ -191,7 +191,8 @@ def test_drop_path_is_per_image_on_packed_rows():
 
 def test_config_varlen_choices_and_auto():
     tiny_cpu = ["model.name=mae_vit_tiny_patch16", "model.img_size=32", "data.source=synthetic", "engine.device=cpu"]
-    assert build_model(load_config(tiny_cpu)).varlen == "nested"  # compile=auto: not compiled on a CPU
+    model = build_model(load_config(tiny_cpu))  # compile=auto: not compiled on a CPU, so auto stays per device
+    assert model.varlen == "auto" and not model._packs(torch.zeros(1, device="cpu"), None, None)
     compiled = load_config(["model.name=mae_vit_tiny_patch16", "model.img_size=32", "data.source=synthetic",
                          "engine.compile=true"])
     assert build_model(compiled).varlen == "padded"

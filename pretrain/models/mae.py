@@ -184,7 +184,7 @@ class MaskedAutoencoderViT(nn.Module):
         if mask.shape[-1] != n:
             raise ValueError(f"mask must be a bool tensor [B, {n}] for images of {tuple(imgs.shape[-2:])}, "
                              f"got {mask.dtype} {tuple(mask.shape)}")
-        if self.varlen != "padded" and (visible is None or plan is not None):
+        if self._packs(imgs, visible, plan):
             return self.encode_packed(imgs, mask, plan, generator, visible)
         ids, pad = self.visible_slots(mask, visible)
         x = self.patch_embed(imgs) + patch_positions(self, imgs)
@@ -215,7 +215,8 @@ class MaskedAutoencoderViT(nn.Module):
         width = max(counts, default=0)
         ids = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)[:, :width]
         pad = torch.arange(width, device=mask.device)[None, :] >= dev_counts[:, None]
-        seg = Segments.of([c + 1 for c in counts], dev_counts + 1, resolve_varlen(self.varlen))
+        kernel = resolve_varlen(self.varlen, imgs.device)
+        seg = Segments.of([c + 1 for c in counts], dev_counts + 1, "nested" if kernel == "padded" else kernel)
         x = self.patch_embed(imgs) + patch_positions(self, imgs)
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(B, -1, -1)
         x = torch.cat([cls.to(x.dtype), x], dim=1).flatten(0, 1)  # [B·(1+N), D]
@@ -229,6 +230,10 @@ class MaskedAutoencoderViT(nn.Module):
             x = blk(x, segments=seg)
         final = mask if len(shot_masks) == 1 else torch.stack(shot_masks).any(dim=0)
         return Encoded(seg.pad(self.norm(x)), ids, pad, final, shot_masks)
+
+    def _packs(self, imgs: torch.Tensor, visible: int | None, plan) -> bool:
+        """Whether ``encode`` runs packed: unequal counts (or a plan) and a packed ``varlen`` here."""
+        return (visible is None or plan is not None) and resolve_varlen(self.varlen, imgs.device) != "padded"
 
     def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``imgs [B, C, H, W]``, ``mask [B, N]`` -> latent ``[B, 1+Kmax, D]`` (CLS first; with
@@ -286,7 +291,7 @@ class MaskedAutoencoderViT(nn.Module):
         """``visible``: the count every image keeps, if known on the host (no host read then)."""
         enc = self.encode(imgs, mask, plan, generator, visible)
         shots = len(enc.shot_masks) > 1  # a plan hid more: the final counts are the mask's
-        packed = self.varlen != "padded" and (visible is None or plan is not None)
+        packed = self._packs(imgs, visible, plan)
         features = self.decoder_trunk(enc.latent, enc.mask, None if shots else visible,
                                       (enc.ids, enc.pad) if packed else None)
         pred = self.decoder_pred(features)
