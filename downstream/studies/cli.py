@@ -33,7 +33,8 @@ def _cmd_study(args) -> int:
         for s in steps:
             print(f"{'done' if s.done() else 'todo':<5} {s.name:<28} mimscale {' '.join(s.argv)}")
         return 0
-    prepare_data(study)
+    if not args.dry_run:
+        prepare_data(study)
     if args.cluster is not None:
         from mimscale.slurm.executor import options_from_args
 

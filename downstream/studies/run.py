@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import traceback
 
@@ -57,6 +58,7 @@ def _time_budget_steps(study: Study, step: Step, argv: list[str]) -> int:
                                    "logging.tensorboard=false", "logging.progress=off", "logging.image_every=0",
                                    "engine.memory_report_steps=0", f"schedule.max_steps={warmup + timed}"])
     row = measure(cfg, warmup, timed, "loader")
+    shutil.rmtree(step.out / "calibration", ignore_errors=True)  # only its time is kept
     steps = max(1, int(float(study.budget["seconds"]) * 1000 / row["step_ms"]))
     if _is_main():
         step.out.mkdir(parents=True, exist_ok=True)
