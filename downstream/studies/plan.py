@@ -136,8 +136,11 @@ def _masks_step(study: Study, recipe: str, seed: int, out: Path, needs: list[str
 
 
 def plan(study: Study) -> list[Step]:
-    """Every step, each after the steps it needs."""
-    return pretrain_steps(study) + eval_steps(study)
+    """Every step, each after the steps it needs, seed by seed: a study stopped half-way has
+    whole seeds (every row comparable) rather than some rows with every seed."""
+    seed = {s: i for i, s in enumerate(study.seeds)}
+    return sorted(pretrain_steps(study) + eval_steps(study),
+                  key=lambda s: (seed[s.seed], s.kind != "pretrain", s.row != study.baseline))
 
 
 def read_json(path: Path) -> dict | None:

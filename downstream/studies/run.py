@@ -137,10 +137,11 @@ def run_here(study: Study, steps: list[Step], log=print) -> list[str]:
             log(f"[{i}/{len(todo)}] {step.name}: FAILED: {type(e).__name__}: {e}")
             failed.append(step.name)
             continue
-        state = "done" if step.done() else "stopped before the end (run the study again to continue)"
-        if not step.done():
-            failed.append(step.name)
-        log(f"[{i}/{len(todo)}] {step.name}: {state} in {time.perf_counter() - start:.0f}s")
+        took = f"{time.perf_counter() - start:.0f}s"
+        if not step.done():  # a pretraining run stopped by a signal (it checkpointed): so does the study
+            log(f"[{i}/{len(todo)}] {step.name}: stopped after {took}; run the study again to continue")
+            return failed + [s.name for s in todo[i - 1:]]
+        log(f"[{i}/{len(todo)}] {step.name}: done in {took}")
     return failed
 
 
