@@ -69,7 +69,7 @@ def test_study_table_resume_and_figures(tmp_path, capsys):
     assert run["steps"] == 2 and run["images_seen"] == 12 and run["flops"] > 0 and run["wall_s"] > 0
     assert float(table[("block", "images_seen")]["mean"]) == 12
     md = (out / "study.md").read_text()
-    assert "| untrained | 2 |" in md and "Paired difference to `mae`" in md
+    assert "| untrained | 2 |" in md and "Paired difference to `mae`" in md and "Beyond the seed spread" in md
 
     for metric in ("knn_cls", "knn_mean"):
         assert (out / "figures" / f"{metric}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

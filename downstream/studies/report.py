@@ -112,7 +112,19 @@ def markdown(study: Study, summary: list[dict], done: int, total: int) -> str:
         values = [_cell(cells[(row, m)]["diff_mean"], cells[(row, m)]["diff_std"], 3 if m in MASKS else 1, True)
                   if (row, m) in cells else "—" for m in shown]
         lines.append(f"| {row} | {pairs} | " + " | ".join(values) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", *_reading(study, cells, shown)]) + "\n"
+
+
+def _reading(study: Study, cells: dict, shown: list[str]) -> list[str]:
+    """Per metric, which rows differ from the baseline by more than the spread of their paired
+    differences over seeds (|mean| > std, at least two pairs); the others are within it."""
+    lines = ["Beyond the seed spread (|paired mean| > its std, >= 2 seeds); every other difference is within it:", ""]
+    for m in shown:
+        rows = [f"{r} ({cells[(r, m)]['diff_mean']:+.3g})" for r in study.rows
+                if r != study.baseline and (r, m) in cells and cells[(r, m)]["diff_n"] >= 2
+                and abs(cells[(r, m)]["diff_mean"]) > cells[(r, m)]["diff_std"]]
+        lines.append(f"- {({**ACCURACY, **MASKS})[m]}: {', '.join(rows) if rows else 'none'}")
+    return lines
 
 
 def to_csv(summary: list[dict]) -> str:
