@@ -99,7 +99,8 @@ def markdown(study: Study, summary: list[dict], done: int, total: int) -> str:
              "| row | seeds | " + " | ".join(head[m] for m in shown + costs) + " |",
              "|---|---:|" + "---:|" * len(shown + costs)]
     for row in study.rows:
-        n = max((cells[(row, m)]["n"] for m in shown + costs if (row, m) in cells), default=0)
+        counts = sorted({cells[(row, m)]["n"] for m in shown + costs if (row, m) in cells}) or [0]
+        n = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"  # a study still running
         values = [_scaled(m, cells[(row, m)]["mean"], cells[(row, m)]["std"]) if (row, m) in cells else "—"
                   for m in shown + costs]
         lines.append(f"| {row} | {n} | " + " | ".join(values) + " |")
