@@ -64,6 +64,7 @@ COMMAND_MODULES: list[str] = [
     "mimscale.downstream.dense.cli",
     "mimscale.downstream.classify.cli",
     "mimscale.downstream.results",
+    "mimscale.downstream.studies.cli",
     "mimscale.slurm.cli",
 ]
 

@@ -100,6 +100,7 @@ def report(run: Run, cfg, protocol: str, metrics: dict, epochs: float | None, va
                         recipe=run.pretrain_recipe, epochs=epochs, config_hash=config_hash(cfg),
                         metrics=metrics, mask_ratio=run.mask_ratio, protocol=protocol,
                         protocol_recipe=getattr(cfg, "recipe", None), dataset=cfg.data.dataset, variant=variant,
+                        pool=cfg.model.pool,
                         checkpoint_path=str(cfg.checkpoint) if cfg.checkpoint else None, **extra)
 
 
