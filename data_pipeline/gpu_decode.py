@@ -154,7 +154,12 @@ def _decode(chunks: list[torch.Tensor], sizes: list[tuple[int, int]], device: to
     def call(items):
         with warnings.catch_warnings():  # torchvision announces TorchCodec as the successor
             warnings.simplefilter("ignore", DeprecationWarning)
-            return decode_jpeg(items, mode=ImageReadMode.RGB, device=device)
+            if device.type != "cuda":
+                return decode_jpeg(items, mode=ImageReadMode.RGB, device=device)
+            side = _decode_stream(device)
+            with torch.cuda.stream(side):
+                images = decode_jpeg(items, mode=ImageReadMode.RGB, device=device)
+            return _hand_over(images, side, device)
 
     if not chunks:
         return [], []
@@ -175,6 +180,36 @@ def _decode(chunks: list[torch.Tensor], sizes: list[tuple[int, int]], device: to
             img = None
         out.append(img)
     return out, bad
+
+
+_DECODE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _decode_stream(device: torch.device) -> "torch.cuda.Stream":
+    """The side stream nvJPEG's output tensors are allocated under, one per device.
+
+    Why: torchvision allocates the decoded images under the caller's current stream, then has
+    nvJPEG write them from a private stream that does not wait for the caller's. The caching
+    allocator hands out a block as soon as it is freed on its stream, so under the training stream
+    the decoder can be given memory that the step still being computed there (the loader decodes
+    the next batch during the backward pass) has yet to read, and overwrite it: wrong values or a
+    device-side index assert far from the decoder (pytorch/vision PR 9606, torchcodec PR 1634). A
+    block of this stream's own pool is free only once every stream that used it is done with it.
+    """
+    device = torch.device(device.type, torch.cuda.current_device() if device.index is None else device.index)
+    if device not in _DECODE_STREAMS:
+        _DECODE_STREAMS[device] = torch.cuda.Stream(device)
+    return _DECODE_STREAMS[device]
+
+
+def _hand_over(images: list[torch.Tensor], side: "torch.cuda.Stream", device: torch.device) -> list[torch.Tensor]:
+    """Images decoded under ``side``, made safe to use on the current stream: it waits for them,
+    and their memory returns to ``side``'s pool only after the current stream's work on them ran."""
+    current = torch.cuda.current_stream(device)
+    current.wait_stream(side)
+    for img in images:
+        img.record_stream(current)
+    return images
 
 
 def _stand_in(batch: dict, views: list[torch.Tensor], failed: list[int]) -> None:

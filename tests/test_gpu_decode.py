@@ -136,6 +136,31 @@ def test_same_geometry_and_close_pixels_as_the_worker(jpegs, fast, device):
         assert diff.max() <= 2 + 1e-3 and diff.mean() <= 0.25
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_decoding_leaves_memory_the_current_stream_still_reads_alone(device):
+    """Regression for the device-side index assert of ``data.decode=gpu`` during training. On
+    CUDA: tensors of the decoded images' byte size are filled, reductions over them are queued
+    behind a long kernel, the tensors are freed (their blocks are free for the training stream at
+    once), then a batch is decoded: the queued reductions must still see what was written. Under the
+    caller's stream nvJPEG would be handed those blocks and overwrite them before the reductions
+    ran. On a CPU the same calls run in order and check the decode's plumbing only."""
+    from mimscale.data_pipeline.gpu_decode import _decode
+
+    device = torch.device(device)
+    size, count = (128, 160), 8
+    data = torch.frombuffer(bytearray(_encode(np.full((*size, 3), 200, np.uint8), quality=95)), dtype=torch.uint8)
+    filled = [torch.full((3 * size[0] * size[1],), 7, dtype=torch.uint8, device=device) for _ in range(count)]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda._sleep(200_000_000)  # the reductions below wait behind this kernel (~0.1 s)
+    sums = [t.sum(dtype=torch.int64) for t in filled]
+    del filled  # freed while their reductions are still queued
+    images, bad = _decode([data] * count, [size] * count, device)
+    expected = 7 * 3 * size[0] * size[1]
+    assert bad == [] and [int(s) for s in sums] == [expected] * count
+    assert all(abs(int(img.float().mean()) - 200) <= 2 for img in images)
+
+
 def test_the_worker_keeps_what_the_device_does_not_take(jpegs):
     """PNG, CMYK, raw pixels, a truncated JPEG (no EOI marker), an unreadable header: decoded in the
     worker, and nothing drawn from the sample's stream."""
