@@ -141,6 +141,8 @@ def test_a_skipped_step_changes_no_parameter_nor_adamw_state(clip):
     (["masking.strategy=gpa", "teacher.type=ema", "masking.gpa.head=mean"], 0),
     (["masking.strategy=sbam"], 0),
     (["recipe=ccmim"], 0),  # its masked-set pass too
+    (["recipe=gpa", "teacher.type=ema", "masking.gpa.head=mean", "objectives.mam.head=decoder", "objectives.mam.start=0"], 0),  # MAM decoder
+    (["masking.strategy=ccmim", "masking.selector=noisy_topk"], 0),  # Gumbel keys drawn on the host
     (["masking.shots=[{layer: 0.5, ratio: 0.5, guide: gpa}]"], 0),  # shot counts follow on the host
     (["masking.strategy=sbam_amr"], 1),  # per-image counts: read once, to size the packed batch
 ])

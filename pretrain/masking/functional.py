@@ -101,10 +101,19 @@ def plb_update(p: torch.Tensor, head_losses: torch.Tensor, lam: float = 0.99, ep
     return (1 - lam) * p.float() + lam * (head_losses.float() / eps).softmax(dim=-1)
 
 
+def to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """``x``, drawn on the host (where the step's generator lives), on ``device`` without a host
+    sync: a copy to a GPU goes through pinned memory, asynchronously (a pageable copy blocks)."""
+    device = torch.device(device)
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.contiguous().pin_memory().to(device, non_blocking=True)  # pinning copies: no expanded views
+    return x.to(device)
+
+
 def gumbel_keys(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """``log π + Gumbel`` keys: sorting them descending is sequential sampling without replacement."""
     u = torch.rand(probs.shape, generator=generator, device=generator.device if generator else probs.device)
-    u = u.to(probs.device).clamp_(1e-20, 1.0 - 1e-7)
+    u = to_device(u, probs.device).clamp_(1e-20, 1.0 - 1e-7)
     return probs.float().log() - (-u.log()).log()
 
 

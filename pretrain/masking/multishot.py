@@ -16,7 +16,8 @@ from torch import nn
 from mimscale.pretrain.models.packed import Segments
 
 from . import functional as F
-from .selectors import mask_from_keys, to_device
+from .functional import to_device
+from .selectors import mask_from_keys
 
 
 def resolve_layer(layer: int | float, depth: int) -> int:

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from .functional import gumbel_keys, num_visible
+from .functional import gumbel_keys, num_visible, to_device
 
 SELECTORS = ("topk", "sample", "noisy_topk", "random", "block")
 
@@ -30,15 +30,6 @@ def mask_from_keys(keys: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     order = torch.sort(keys.float(), dim=1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(keys.shape[1], device=keys.device).expand_as(order))
     return rank < counts.to(keys.device)[:, None]
-
-
-def to_device(x: torch.Tensor, device) -> torch.Tensor:
-    """``x``, drawn on the host (where the step's generator lives), on ``device`` without a host
-    sync: a copy to a GPU goes through pinned memory, asynchronously (a pageable copy blocks)."""
-    device = torch.device(device)
-    if device.type == "cuda" and x.device.type == "cpu":
-        return x.contiguous().pin_memory().to(device, non_blocking=True)  # pinning copies: no expanded views
-    return x.to(device)
 
 
 def _uniform(shape, generator: torch.Generator | None, device) -> torch.Tensor:

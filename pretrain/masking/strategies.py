@@ -17,7 +17,7 @@ from mimscale.config import ConfigError
 
 from . import functional as F
 from .scoring import block_qk, cls_attention_all_blocks, input_tokens
-from .selectors import masked_counts, select, to_device
+from .selectors import masked_counts, select
 
 
 @dataclass
@@ -150,8 +150,8 @@ class IDMStrategy(Strategy):
         p = self.p.float()
         if self.scope == "step":
             head = torch.multinomial(p, 1, generator=ctx.shared_generator)
-            return to_device(head, ctx.images.device).expand(ctx.batch)
-        return to_device(torch.multinomial(p, ctx.batch, replacement=True, generator=ctx.generator), ctx.images.device)
+            return F.to_device(head, ctx.images.device).expand(ctx.batch)
+        return F.to_device(torch.multinomial(p, ctx.batch, replacement=True, generator=ctx.generator), ctx.images.device)
 
     def scores(self, ctx):
         if ctx.epoch > self.epoch:
@@ -243,10 +243,10 @@ class GPAStrategy(Strategy):
         hard = select("topk", g, n_h)
         probs = _soft_probs(g, self.c.soft_probs)
         keys = F.gumbel_keys(probs, ctx.generator)
-        ties = to_device(torch.rand(probs.shape, generator=ctx.generator), g.device)
+        ties = F.to_device(torch.rand(probs.shape, generator=ctx.generator), g.device)
         keys = torch.where(probs > 0, keys, -1e30 + ties)
         soft = select("topk", keys.masked_fill(hard, float("-inf")), n_s)
-        rest = to_device(torch.rand(g.shape, generator=ctx.generator), g.device).masked_fill(hard | soft, float("-inf"))
+        rest = F.to_device(torch.rand(g.shape, generator=ctx.generator), g.device).masked_fill(hard | soft, float("-inf"))
         rand = select("topk", rest, n - n_h - n_s)
         logs = {"gpa_alpha_soft": torch.tensor(a_s), "gpa_alpha_hard": torch.tensor(a_h)}
         return MaskResult(hard | soft | rand, g, logs, visible=self.visible(ctx))

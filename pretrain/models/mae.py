@@ -153,17 +153,19 @@ class MaskedAutoencoderViT(nn.Module):
         return x.reshape(x.shape[0], c, gh * p, gw * p)
 
     # ------------------------------------------------------------------------------- masking
-    def visible_slots(self, mask: torch.Tensor, visible: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def visible_slots(self, mask: torch.Tensor, visible: int | None = None,
+                      width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Visible patch indices ``[B, Kmax]`` in ascending order and their padding ``[B, Kmax]``
         (True = padded slot), so images may keep different numbers of patches (AMR, shots).
-        ``visible``: the count every image keeps, when the caller knows it (a fixed ratio); else
-        ``Kmax`` is read from the mask, a host sync."""
+        ``visible``: the count every image keeps, when the caller knows it (a fixed ratio);
+        ``width``: ``Kmax``, when the caller knows it (an encoder output's slots); else ``Kmax`` is
+        read from the mask, a host sync."""
         self._check_mask(mask)
         if visible is not None:
             ids = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)[:, :visible]
             return ids, torch.zeros_like(ids, dtype=torch.bool)
         counts = (~mask).sum(dim=1)
-        k = int(counts.max()) if mask.shape[0] else 0
+        k = width if width is not None else int(counts.max()) if mask.shape[0] else 0
         ids = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)[:, :k]
         pad = torch.arange(k, device=mask.device)[None, :] >= counts[:, None]
         return ids, pad

@@ -58,7 +58,7 @@ class MAMDecoder(nn.Module):
         self._slots, self._grid, self.grid = student.visible_slots, student.token_grid, tuple(student.grid_size)
 
     def forward(self, latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        ids, pad = self._slots(mask)
+        ids, pad = self._slots(mask, width=latent.shape[1] - 1)  # the latent's slots: no host read
         x = self.embed(latent)
         B, _, D = x.shape
         n = mask.shape[1]
