@@ -260,10 +260,11 @@ class EngineConfig:
                           "only the named one (CUDA: flash, cudnn, efficient; math anywhere)",
                           choices=("auto", "flash", "cudnn", "efficient", "math"))
     varlen: str = _opt("auto", "how the encoder runs images of unequal visible counts (AMR, multi-shot): "
-                       "packed without padding with per-image attention, nested (SDPA on nested jagged "
-                       "tensors) or flex (FlexAttention; no backward on CPUs); auto = nested on CUDA, padded "
-                       "on CPUs (measured faster there) and under engine.compile; padded = each batch padded to its largest count",
-                       choices=("auto", "nested", "flex", "padded"))
+                       "packed without padding, attention per image by nested (SDPA on nested jagged "
+                       "tensors), flex (FlexAttention; no backward on CPUs) or masked (one padded SDPA "
+                       "with a key mask, only attention sees padding); auto = nested on CUDA, masked on "
+                       "CPUs, padded under engine.compile; padded = each batch padded to its largest count",
+                       choices=("auto", "nested", "flex", "masked", "padded"))
     cpu_offload: bool = _opt(False, "keep sharded params/grads (fsdp) or optimizer state (deepspeed) "
                              "in CPU memory")
     deepspeed_config: str | None = _opt(None, "JSON file merged over the generated DeepSpeed config")

@@ -105,6 +105,9 @@ def test_bench_masking_prints_ratios(tmp_path, capsys):
             f"{r[k]:.3f}" for k in ("mask_ratio", "flop_ratio", "time_ratio", "time_ratio_min", "time_ratio_max",
                                     "overhead")]
     by = {r["row"]: r for r in rows}  # the scoring pass costs FLOPs; a shot after block 10 saves some
+    # packed rows run --varlen (auto: masked on a CPU), the others pad
+    assert {r["row"]: r["varlen"] for r in rows if "sbam_amr" in r["row"]} == {
+        "sbam_amr": "padded", "sbam_amr (packed)": "masked"}
     assert by["gpa (teacher b9)"]["flop_ratio"] > 1 > by["cmae_2shot (random)"]["flop_ratio"]
     # the cache pays a twentieth of the scoring pass, in FLOPs and in the stated refresh time
     cached, online = by["gpa (cache K=20)"], by["gpa (teacher b9)"]
@@ -117,6 +120,8 @@ def test_bench_masking_rows_are_checked(capsys):
     assert [label for label, _ in bench.select("cmae_2shot,idm")] == [
         "random (MAE)", "idm (online)", "idm (momentum)", "idm (momentum, cache K=20)", "cmae_2shot (random)",
         "cmae_2shot (gpa-guided)", "cmae_2shot (packed)"]
+    assert [label for label, _ in bench.select("ccmim (with")] == [
+        "random (MAE)", "ccmim (with contrast)", "ccmim (with contrast, cache K=20)"]
     assert main(["bench", "masking", "--rows", "block,nope"]) == 2
     err = capsys.readouterr().err
     assert "'nope'" in err and "cmae_2shot (gpa-guided)" in err and "'block'" not in err

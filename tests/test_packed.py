@@ -46,7 +46,7 @@ def alone(model, images, mask, **kw):
     return [model(images[b:b + 1], mask[b:b + 1], **kw) for b in range(len(images))]
 
 
-@pytest.mark.parametrize("kernel", ["nested", "flex"])
+@pytest.mark.parametrize("kernel", ["nested", "flex", "masked"])
 def test_packed_equals_each_image_alone(kernel):
     model = tiny()
     images, mask = torch.randn(4, 3, 32, 32), ragged_mask(COUNTS)
@@ -64,7 +64,8 @@ def test_packed_equals_each_image_alone(kernel):
 
 
 # FlexAttention has no backward on a CPU; the CUDA cases are collected where CUDA exists
-TRAINING_KERNELS = [("cpu", "nested")] + ([("cuda", "nested"), ("cuda", "flex")] if torch.cuda.is_available() else [])
+TRAINING_KERNELS = [("cpu", "nested"), ("cpu", "masked")] + (
+    [("cuda", "nested"), ("cuda", "flex"), ("cuda", "masked")] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("device,kernel", TRAINING_KERNELS)
@@ -127,8 +128,9 @@ def test_packed_bf16_within_tolerance():
     assert torch.allclose(out.loss_per_image, torch.cat([r.loss_per_image for r in refs]), rtol=0.02)
 
 
+@pytest.mark.parametrize("kernel", ["nested", "masked"])
 @pytest.mark.parametrize("guide", ["random", "gpa"])
-def test_packed_shots_equal_the_padded_path(guide):
+def test_packed_shots_equal_the_padded_path(guide, kernel):
     """A later shot on ragged images: packed and padded choose the same tokens and give the same
     output (a random shot draws over the batch's slots, identical in both layouts)."""
     model = tiny(depth=4)
@@ -136,7 +138,7 @@ def test_packed_shots_equal_the_padded_path(guide):
     images, mask = torch.randn(4, 3, 32, 32), ragged_mask(COUNTS, seed=3)
     model.varlen = "padded"
     ref = model(images, mask, plan, torch.Generator().manual_seed(5))
-    model.varlen = "nested"
+    model.varlen = kernel
     out = model(images, mask, plan, torch.Generator().manual_seed(5))
     assert torch.equal(out.mask, ref.mask) and len(out.shot_masks) == 2
     assert (~out.mask).sum(1).tolist() == [c // 2 for c in COUNTS]
@@ -144,8 +146,9 @@ def test_packed_shots_equal_the_padded_path(guide):
     torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("kernel", ["nested", "masked"])
 @pytest.mark.parametrize("counts", [[1, 1, 1], [0, 0, 0]])
-def test_a_shot_that_keeps_no_patch_and_a_mask_that_shows_none(counts):
+def test_a_shot_that_keeps_no_patch_and_a_mask_that_shows_none(counts, kernel):
     """Edge cases of the packed layout: a shot keeps floor(1 · 0.9) = 0 patches of each image, and a
     mask that hides every patch leaves the CLS token alone from the start."""
     model = tiny(depth=4)
@@ -153,7 +156,7 @@ def test_a_shot_that_keeps_no_patch_and_a_mask_that_shows_none(counts):
     images, mask = torch.randn(3, 3, 32, 32), ragged_mask(counts, seed=2)
     model.varlen = "padded"
     ref = model(images, mask, plan, torch.Generator().manual_seed(0))
-    model.varlen = "nested"
+    model.varlen = kernel
     out = model(images, mask, plan, torch.Generator().manual_seed(0))
     assert out.mask.all() and torch.equal(out.mask, ref.mask)
     torch.testing.assert_close(out.pred, ref.pred, rtol=0, atol=1e-5)
@@ -192,7 +195,7 @@ def test_drop_path_is_per_image_on_packed_rows():
 def test_config_varlen_choices_and_auto():
     tiny_cpu = ["model.name=mae_vit_tiny_patch16", "model.img_size=32", "data.source=synthetic", "engine.device=cpu"]
     model = build_model(load_config(tiny_cpu))  # compile=auto: not compiled on a CPU, so auto stays per device
-    assert model.varlen == "auto" and not model._packs(torch.zeros(1, device="cpu"), None, None)
+    assert model.varlen == "auto" and model._packs(torch.zeros(1, device="cpu"), None, None)  # masked
     compiled = load_config(["model.name=mae_vit_tiny_patch16", "model.img_size=32", "data.source=synthetic",
                          "engine.compile=true"])
     assert build_model(compiled).varlen == "padded"

@@ -8,7 +8,8 @@
 #   3. the SDPA kernels (engine.attention) and compile on/off, ViT-B from memory;
 #   4. ViT-B from generated JPEG shards through the real loader, decoded in the workers
 #      (data.decode=cpu) and by nvJPEG (data.decode=gpu), and at a low-resolution phase size;
-#   5. `bench masking` at ViT-L: every strategy, the score-cache and packed rows.
+#   5. `bench masking` at ViT-L: every strategy, the score-cache and packed rows (packed also with
+#      the masked and flex kernels).
 # Writes one JSON and one log per run under $OUT (default ./gpu_bench_out). Assumes `python -m
 # mimscale` works (mimscale and its dependencies installed).
 #
@@ -36,6 +37,7 @@ if [ -n "${MIMSCALE_BENCH_DRY:-}" ]; then
   MASK_ARGS=(--model mae_vit_tiny_patch16 --img-size 32 --batch 4 --rounds 1 --device cpu
              --rows "gpa,sbam_amr,cmae_2shot")
   TESTS=(-k "cpu and not cuda")
+  VARLENS=(masked)
 else
   MODEL_B=(model.name=mae_vit_base_patch16 model.img_size=224)
   MODEL_L=(model.name=mae_vit_large_patch16 model.img_size=224)
@@ -46,6 +48,7 @@ else
   DATA_ARGS=(--images 2048 --image-size 384x384 --img-size 224 --batch-size 256 --batches 8 --rounds 2)
   MASK_ARGS=(--model mae_vit_large_patch16 --img-size 224 --batch 32 --precision bf16 --rounds 4)
   TESTS=(-k cuda)
+  VARLENS=(masked flex)
 fi
 
 want() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }  # want SECTION: is it to run?
@@ -105,5 +108,10 @@ fi
 
 # 5. every masking strategy's cost against MAE: FLOP ratio, time ratio, overhead (ViT-L, as the papers)
 want masking && run masking 150 "$PYTHON" -m mimscale bench masking "${MASK_ARGS[@]}" --json "$OUT/masking.json"
+# the packed rows with the other attention kernels (engine.varlen; the run above used auto = nested)
+for kernel in "${VARLENS[@]}"; do
+  want masking && run "masking_$kernel" 60 "$PYTHON" -m mimscale bench masking "${MASK_ARGS[@]}" \
+    --rows sbam_amr,cmae_2shot --varlen "$kernel" --json "$OUT/masking_$kernel.json"
+done
 
 echo "results in $OUT:"; ls -l "$OUT"

@@ -48,6 +48,10 @@ VARIANTS = [
     ("gpa (cache K=20)", ["masking.strategy=gpa", "teacher.type=ema", "masking.gpa.head=mean",
                           "masking.score_cache.every_epochs=20"]),
     ("ccmim (cache K=20)", ["masking.strategy=ccmim", "masking.score_cache.every_epochs=20"]),
+    # the whole ccMIM recipe: its masked-set pass (no grad) and contrast heads come on top of the mask
+    ("ccmim (with contrast)", ["masking.strategy=ccmim", "objectives.ccmim.weight=0.2"]),
+    ("ccmim (with contrast, cache K=20)", ["masking.strategy=ccmim", "objectives.ccmim.weight=0.2",
+                                          "masking.score_cache.every_epochs=20"]),
     ("cmae_2shot (random)", ["masking.shots=[{layer: 0.8333, ratio: 0.1}]", "engine.varlen=padded"]),
     ("cmae_2shot (gpa-guided)", ["masking.shots=[{layer: 0.8333, ratio: 0.1, guide: gpa}]", "engine.varlen=padded"]),
     ("cmae_2shot (packed)", ["masking.shots=[{layer: 0.8333, ratio: 0.1}]", "engine.varlen=nested"]),
@@ -65,8 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rows", default=None,
                    help="comma-separated label prefixes of the rows to run (the MAE row always runs)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--varlen", choices=("nested", "flex"), default="nested",
-                   help="attention kernel of the (packed) rows (flex needs CUDA: no backward on a CPU)")
+    p.add_argument("--varlen", choices=("auto", "nested", "flex", "masked"), default="auto",
+                   help="attention kernel of the (packed) rows: auto = nested on CUDA, masked on a CPU "
+                        "(flex needs CUDA: no backward on a CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
 
@@ -110,22 +115,24 @@ def run(args: argparse.Namespace) -> int:
     from mimscale.pretrain.engine.flops import packed_step_flops, step_flops
     from mimscale.pretrain.engine.optim import param_groups
     from mimscale.pretrain.method import MIMMethod
+    from mimscale.pretrain.models.packed import resolve_varlen
 
     device = torch.device(args.device)
     steps = args.steps_per_round or (3 if device.type == "cuda" else 1)
     if args.rounds < 1 or args.warmup_rounds < 0 or steps < 1:
         raise UserError("--rounds and --steps-per-round must be >= 1, --warmup-rounds >= 0")
     if args.varlen == "flex" and device.type != "cuda":
-        raise UserError("--varlen flex: FlexAttention has no backward on a CPU; use --varlen nested there")
+        raise UserError("--varlen flex: FlexAttention has no backward on a CPU; use --varlen masked or nested there")
+    varlen = resolve_varlen(args.varlen, device)
     base = [f"model.name={args.model}", f"model.img_size={args.img_size}", "data.source=synthetic",
             f"data.batch_size={args.batch}", "optim.accum_steps=1"]
     # smooth images (upsampled 7×7 noise): on white noise SBAM's salience is flat and every AMR image
     # falls back to the centre ratio, so the AMR rows would not be ragged at all
     coarse = torch.randn(args.batch, 3, 7, 7, generator=torch.Generator().manual_seed(0))
     images = torch.nn.functional.interpolate(coarse, size=args.img_size, mode="bicubic").to(device)
-    rows, visible, every = [], {}, {}
+    rows, visible, every, kernels = [], {}, {}, {}
     for label, overrides in select(args.rows):
-        cfg = load_config(base + [o.replace("varlen=nested", f"varlen={args.varlen}") for o in overrides])
+        cfg = load_config(base + [o.replace("varlen=nested", f"varlen={varlen}") for o in overrides])
         torch.manual_seed(0)
         method = MIMMethod(cfg).to(device).train()
         opt = torch.optim.AdamW(param_groups(method, 0.05), lr=1e-4)
@@ -135,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
             flops, visible[label] = packed_step_flops(cfg, counts), counts
         rows.append((label, method, opt, flops.per_step))
         every[label] = cfg.masking.score_cache.every_epochs
+        kernels[label] = cfg.engine.varlen
     dtype = torch.bfloat16 if args.precision == "bf16" else None
     views = _crops(args.batch, args.img_size, device)
 
@@ -192,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
             "mask_ratio": statistics.median(m / ref for m, ref in zip(mask_t[label], step_t[mae])),
             "step_ms": 1000 * statistics.median(step_t[label]), "mask_ms": 1000 * statistics.median(mask_t[label]),
             "gflops_per_image": flops / args.batch / 1e9, "visible_counts": visible.get(label),
+            "varlen": kernels[label],
             "teacher_mib": teacher / 2**20, "scoring_peak_mib": scoring_peak, "cache_every_epochs": every[label] or None,
             "refresh_ms": 1000 * statistics.median(refresh_t[label]) if every[label] else None,
             "model": args.model, "img_size": args.img_size, "batch": args.batch,

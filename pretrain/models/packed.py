@@ -7,11 +7,12 @@ image (varlen), with the image boundaries taken from :class:`Segments`.
 
 Attention kernels (``engine.varlen``): ``nested`` (SDPA on a nested jagged tensor; varlen flash /
 efficient kernels on CUDA), ``flex`` (FlexAttention with a block mask of the image structure;
-compiled on CUDA; the CPU has no backward for it, so training on a CPU cannot use it). ``auto``
-picks ``nested`` on CUDA (to be measured against ``flex`` on GPUs) and ``padded`` on a CPU (where
-it measured faster: 29 s against 53 s per ViT-S step at batch 16). When every image
-keeps the same count the packed rows are reshaped to ``[B, L, D]`` and the ordinary batched kernel
-runs.
+compiled on CUDA; the CPU has no backward for it, so training on a CPU cannot use it), ``masked``
+(q, k, v scattered into ``[B, width]`` slots for one batched SDPA with a key mask, the outputs
+gathered back: only attention sees the padding; on a CPU torch runs nested SDPA image by image,
+which measured slower than padding the whole model). ``auto`` picks ``nested`` on CUDA (to be
+measured against ``flex`` on GPUs) and ``masked`` on a CPU. When every image keeps the same count
+the packed rows are reshaped to ``[B, L, D]`` and the ordinary batched kernel runs.
 """
 
 from __future__ import annotations
@@ -22,16 +23,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-VARLEN = ("auto", "nested", "flex", "padded")
+VARLEN = ("auto", "nested", "flex", "masked", "padded")
 
 
 def resolve_varlen(mode: str, device: torch.device) -> str:
-    """``auto`` -> ``nested`` on CUDA, ``padded`` elsewhere (measured on a CPU: torch runs nested
-    SDPA there image by image, slower than padding at AMR's spread); an unknown name is an error."""
+    """``auto`` -> ``nested`` on CUDA, ``masked`` elsewhere (on a CPU torch runs nested SDPA image
+    by image); an unknown name is an error."""
     if mode not in VARLEN:
         raise ValueError(f"varlen must be one of {', '.join(VARLEN)}, got {mode!r}")
     if mode == "auto":
-        return "nested" if torch.device(device).type == "cuda" else "padded"
+        return "nested" if torch.device(device).type == "cuda" else "masked"
     return mode
 
 
@@ -79,6 +80,13 @@ class Segments:
         return out.index_put((self.doc, self.local), x)
 
     @functools.cached_property
+    def key_mask(self) -> torch.Tensor:
+        """``[B, 1, 1, width]``: the slots holding a row of the image (slot 0 also for an image
+        without rows, so that its ignored query rows see a key and stay finite)."""
+        lengths = (self.offsets[1:] - self.offsets[:-1]).clamp(min=1)
+        return (torch.arange(self.width, device=lengths.device) < lengths[:, None])[:, None, None, :]
+
+    @functools.cached_property
     def block_mask(self):
         """FlexAttention block mask: a row attends to the rows of its own image only."""
         from torch.nn.attention.flex_attention import create_block_mask
@@ -110,6 +118,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segments) 
         B = len(seg.lengths)
         q, k, v = (t.reshape(B, T // max(B, 1), h, d).transpose(1, 2) for t in (q, k, v))
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(T, h, d)
+    if seg.kernel == "masked":
+        q, k, v = (seg.pad(t.reshape(T, h * d)).unflatten(-1, (h, d)).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=seg.key_mask)
+        return out.transpose(1, 2)[seg.doc, seg.local]
     if seg.kernel == "flex":
         q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
         fn = _flex_compiled() if q.device.type == "cuda" else _flex()
