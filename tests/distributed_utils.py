@@ -49,14 +49,12 @@ def _entry(rank, fn, world, port, args):
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)  # two ranks on two cores
     fn(rank, world, *args)
-    import torch.distributed as dist
+    from mimscale.pretrain.engine.backend import leave_process_group
 
-    if dist.is_initialized():
-        # Tear down together: rank 0 hosts the TCP store, and a rank that is still using the group
-        # when rank 0 has left can abort in a C++ thread ("terminate called without an active
-        # exception"), failing a job whose work was done.
-        dist.barrier()
-        dist.destroy_process_group()
+    # Tear down together: rank 0 hosts the TCP store, and a rank that is still using the group when
+    # rank 0 has left can abort in a C++ thread ("terminate called without an active exception"),
+    # failing a job whose work was done.
+    leave_process_group(together=True)
 
 
 def spawn(fn, world: int, *args, timeout: float = 240.0) -> None:

@@ -13,6 +13,7 @@ from extras import need
 from mimscale.config import load_config
 from mimscale.data_pipeline.build import build_pretrain_data
 from mimscale.data_pipeline.synthetic import write_shards
+from mimscale.pretrain.engine.backend import leave_process_group
 
 N = 26
 
@@ -41,7 +42,7 @@ def _worker(rank, port, data_configs, out):
         if rank == 0:
             torch.save(result, out)
     finally:
-        dist.destroy_process_group()
+        leave_process_group(together=False)
 
 
 @pytest.mark.slow

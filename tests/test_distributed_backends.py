@@ -36,6 +36,7 @@ from extras import need
 
 from mimscale.cli import main
 from mimscale.config import load_config
+from mimscale.pretrain.engine.backend import leave_process_group
 from mimscale.pretrain.engine.checkpoint import load_checkpoint, read_state
 from mimscale.pretrain.engine.optim import param_groups
 from mimscale.pretrain.engine.rng import seed_everything, step_generator
@@ -162,7 +163,7 @@ def one_rank_group():
     if not dist.is_initialized():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     yield
-    dist.destroy_process_group()
+    leave_process_group(together=False)
 
 
 def data_parallel_reference(cfg, world: int, steps: int, skip: frozenset = frozenset()):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +63,13 @@ def leave_process_group(together: bool) -> None:
     if dist.is_available() and dist.is_initialized():
         if together:
             dist.barrier()
-        dist.destroy_process_group()
+        comm = sys.modules.get("deepspeed.comm.comm")
+        if comm is not None and getattr(comm, "cdb", None) is not None:
+            # through DeepSpeed, which then drops the groups it cached (a clone of the world group):
+            # left to torch, a second DeepSpeed run in this process would use the destroyed group
+            comm.destroy_process_group()
+        else:
+            dist.destroy_process_group()
 
 
 def resolve_device(name: str, env: DistEnv) -> torch.device:
