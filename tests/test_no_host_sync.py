@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mimscale.pretrain.engine.backend import DDPBackend, DistEnv
+from mimscale.pretrain.engine.backend import DDPBackend, DistEnv, leave_process_group
 from mimscale.pretrain.engine.trainer import Trainer
 
 READS = ("item", "__float__", "__int__", "__bool__", "cpu", "tolist", "numpy")
@@ -59,7 +59,7 @@ def gloo_group_after():
     had = dist.is_initialized()
     yield
     if not had and dist.is_initialized():
-        dist.destroy_process_group()
+        leave_process_group(together=False)
 
 
 # on a GPU machine also on CUDA, under torch's sync debug mode (no CI machine has one: not a skip)
@@ -67,8 +67,11 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
+@pytest.mark.parametrize("backend", ["ddp", "fsdp", "deepspeed"])
 def test_no_host_read_between_two_log_lines(tiny_config, monkeypatch, backend, device, gloo_group_after):
+    """ddp and fsdp: nothing read. deepspeed: its ZeRO optimizer reads the gradient norm on the host
+    inside its own step (its overflow check), so there every read must be DeepSpeed's, none
+    mimscale's nor torch's optimizer's."""
     cfg = tiny_config("recipe=mae", f"engine.backend={backend}", f"engine.device={device}", "schedule.max_steps=10",
                       "logging.log_every=4", "engine.memory_report_steps=0", "teacher.type=ema",
                       "optim.clip_grad=1.0")
@@ -78,12 +81,13 @@ def test_no_host_read_between_two_log_lines(tiny_config, monkeypatch, backend, d
         reads.wrap(monkeypatch, name)
     real_step = Trainer.train_step
     cuda = device == "cuda"  # its first step compiles the blocks (engine.compile=auto), which syncs once
+    strict = backend != "deepspeed"
 
     def train_step(self, batches, wait):  # the loop iteration this step begins, up to the next one
         after = self.step + 1
         reads.active = not (after % cfg.logging.log_every == 0 or after % cfg.output.checkpoint_every == 0
                             or after == self.total_steps or (cuda and after == 1))
-        if cuda:
+        if cuda and strict:
             torch.cuda.set_sync_debug_mode("error" if reads.active else 0)
         return real_step(self, batches, wait)
 
@@ -94,7 +98,9 @@ def test_no_host_read_between_two_log_lines(tiny_config, monkeypatch, backend, d
         if cuda:
             torch.cuda.set_sync_debug_mode(0)
     assert summary.steps == 10 and [s for s, _ in summary.losses] == [4, 8, 10]
-    assert reads.between == []          # steps 1-3 (CUDA: 2-3), 5-7, 9: nothing read on the host
+    ours = [r for r in reads.between if strict or f"{os.sep}deepspeed{os.sep}" not in r]
+    assert ours == []                   # steps 1-3 (CUDA: 2-3), 5-7, 9: nothing read on the host
+    assert strict or reads.between      # (the deepspeed case does see DeepSpeed's own reads)
     assert len(reads.boundary) > 0      # the counter does see the reads of a log line
 
 

@@ -107,7 +107,7 @@ class DeepSpeedBackend(Backend):
         return model
 
     def build_optimizer(self, groups: list[dict], lr: float, betas: tuple[float, float]):
-        return self.initialize(torch.optim.AdamW(groups, lr=lr, betas=betas, fused=self.device.type == "cuda"))
+        return self.initialize(torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True))  # as DDP's
 
     def initialize(self, base: torch.optim.Optimizer):
         """Build DeepSpeed's engine around the wrapped module and ``base``, an optimizer over its
@@ -148,11 +148,15 @@ class DeepSpeedBackend(Backend):
     def step(self, clip_grad: float | None = None) -> torch.Tensor:
         """DeepSpeed's step (clipping as configured at build); it skips a step whose gradient norm
         is not finite, which the returned norm shows. DeepSpeed's overflow check reads the norm on
-        the host inside its step: this backend syncs once per step (ddp and fsdp do not)."""
+        the host inside its step: this backend syncs once per step (ddp and fsdp do not); nothing
+        here adds a read (the norm stays a device tensor when DeepSpeed keeps one)."""
         if not self._grad_bytes:
             self._grad_bytes = nested_bytes(getattr(self.optimizer, "averaged_gradients", {}))
         self.engine.step()
-        return torch.tensor(float(self.engine.get_global_grad_norm()), device=self.device)
+        norm = self.engine.get_global_grad_norm()  # a tensor, or a float DeepSpeed already read
+        if torch.is_tensor(norm):
+            return norm.detach().reshape(()).to(self.device, torch.float32)
+        return torch.tensor(float(norm), device=self.device)
 
     @contextlib.contextmanager
     def local_shards(self):
