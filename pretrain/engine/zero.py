@@ -155,7 +155,7 @@ class DeepSpeedBackend(Backend):
         self.engine.step()
         norm = self.engine.get_global_grad_norm()  # a tensor, or a float DeepSpeed already read
         if torch.is_tensor(norm):
-            return norm.detach().reshape(()).to(self.device, torch.float32)
+            return norm.detach().reshape(()).to(self.device, torch.float32, copy=True)
         return torch.tensor(float(norm), device=self.device)
 
     @contextlib.contextmanager
