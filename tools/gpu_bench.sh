@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of one device session, in order of value, each time-limited so that one failure
-# does not stop the rest (about 8 minutes on one H200; every limit below sums to under 10):
+# does not stop the rest (the whole run took about 7 minutes on one H200 before the two packed-kernel
+# masking runs were added; the limits below sum to about 19, so under a 10-minute cap per command run
+# it in two parts: ONLY="tests decode masking", then ONLY="mfu kernels"):
 #   1. the CUDA cases of the tests (no host sync under torch's sync debug mode; nvJPEG decode
 #      against the worker path; packed == per-image);
 #   2. `mimscale bench step` for MAE ViT-L/16 at 224 px in bf16 from memory with the defaults
