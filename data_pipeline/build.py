@@ -83,7 +83,8 @@ def build_pretrain_data(cfg_data, img_size: int, seed: int, rank: int = 0, world
                           cfg_data.batch_size, seed, cfg_data.num_workers, rank, world_size,
                           remainder=cfg_data.remainder, max_bad_fraction=cfg_data.max_bad_fraction,
                           fast_decode=cfg_data.fast_decode, device=device,
-                          decode=resolve_decode(cfg_data.decode, views, device), resolution=resolution)
+                          decode=resolve_decode(cfg_data.decode, views, device), resolution=resolution,
+                          prefetch_factor=cfg_data.prefetch_factor, pin_memory=cfg_data.pin_memory)
 
 
 def resolve_decode(decode: str, views, device) -> str:

@@ -255,7 +255,8 @@ class PretrainLoader:
     def __init__(self, source, views: Sequence[ViewSpec], batch_size: int, seed: int = 0,
                  num_workers: int = 0, rank: int = 0, world_size: int = 1,
                  remainder: str = "drop", max_bad_fraction: float = 0.01, fast_decode: bool = True,
-                 device: torch.device | str = "cpu", decode: str = "cpu", resolution=()):
+                 device: torch.device | str = "cpu", decode: str = "cpu", resolution=(),
+                 prefetch_factor: int = 2, pin_memory: str = "main"):
         if not 0 <= max_bad_fraction <= 1:
             raise ValueError(f"max_bad_fraction {max_bad_fraction} must be in [0, 1]")
         if decode not in ("cpu", "gpu") or (decode == "gpu" and not device_ready(views)):
@@ -269,6 +270,12 @@ class PretrainLoader:
         self.num_workers, self.logical_workers = num_workers, max(1, num_workers)
         self.max_bad_fraction, self.fast_decode = max_bad_fraction, fast_decode
         self.device = torch.device(device)
+        if prefetch_factor < 1 or pin_memory not in ("main", "thread"):
+            raise ValueError(f"prefetch_factor {prefetch_factor} must be >= 1 and pin_memory 'main' or "
+                             f"'thread', got {pin_memory!r}")
+        # thread: DataLoader's pin thread pins each batch beside the step; the copy to the device then
+        # finds it pinned (pin_memory() of a pinned tensor is the tensor) instead of pinning it itself
+        self.prefetch_factor, self.pin_thread = prefetch_factor, pin_memory == "thread" and self.device.type == "cuda"
         self.steps_per_epoch = self.plan.steps_per_epoch
         self.epoch, self.batch_in_epoch = 0, 0
         self.rest, self.earlier = None, []  # a resplit rest of the epoch, and the stretches before it
@@ -328,7 +335,8 @@ class PretrainLoader:
         if self.num_workers == 0:
             return iter(stream)
         return iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                               worker_init_fn=_worker_init,
+                               worker_init_fn=_worker_init, prefetch_factor=self.prefetch_factor,
+                               pin_memory=self.pin_thread,
                                # own generator: DataLoader would otherwise draw from the global RNG
                                generator=torch.Generator().manual_seed(self.seed)))
 

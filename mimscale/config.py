@@ -78,6 +78,11 @@ class DataConfig:
     allow_pipe: bool = _opt(False, "allow pipe:COMMAND URLs (they run a shell command)")
     batch_size: int = _opt(64, "images per process per micro-step", gt=0)
     num_workers: int = _opt(8, "data loader worker processes", ge=0)
+    prefetch_factor: int = _opt(2, "batches each loader worker keeps ready ahead (DataLoader's "
+                                "prefetch_factor)", ge=1)
+    pin_memory: str = _opt("main", "where a batch bound for a GPU is copied into pinned memory: main (the "
+                           "main thread, just before its copy to the device) or thread (DataLoader's pin "
+                           "thread, beside the step); unused on a CPU", choices=("main", "thread"))
     remainder: str = _opt("drop", "samples beyond a multiple of ranks x batch each epoch: drop "
                           "them, or pad by repeating the epoch's first ones", choices=("drop", "pad"))
     max_bad_fraction: float = _opt(0.01, "stop when more than this fraction of a rank's samples in "

@@ -125,6 +125,27 @@ def test_worker_count_does_not_change_what_a_rank_sees(source):
     assert ids[0] == ids[1]
 
 
+# on a GPU machine also on CUDA, where pin_memory=thread pins in DataLoader's thread (not a skip)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_prefetch_and_pinning_change_nothing_a_rank_sees(data_dir, device):
+    """data.prefetch_factor and data.pin_memory only change when and where a batch is made ready:
+    the same batches, in the same order, whatever they are."""
+    src = _made.setdefault("wds", make_source("wds", data_dir / "wds"))
+    runs = [take(loader(src, num_workers=2, device=device, prefetch_factor=f, pin_memory=p), 6)
+            for f, p in ((2, "main"), (1, "thread"), (4, "thread"))]
+    assert runs[1][0]["images"].device.type == device
+    for got in runs[1:]:
+        assert [b["index"].tolist() for b in got] == [b["index"].tolist() for b in runs[0]]
+        assert all(torch.equal(x["images"], y["images"]) for x, y in zip(got, runs[0]))
+    with pytest.raises(ValueError, match="prefetch_factor 0"):
+        loader(src, prefetch_factor=0)
+    with pytest.raises(ValueError, match="'disk'"):
+        loader(src, pin_memory="disk")
+
+
 def test_load_state_restarts_a_live_iterator_and_resplits_on_a_new_layout(source, caplog):
     a = loader(source)
     first = take(a, 2)
@@ -268,3 +289,14 @@ def test_legacy_imagefolder_builder(tmp_path):
     b = take(ld, 2)
     assert sorted(torch.cat([x["index"] for x in b]).tolist()) == list(range(10))
     assert not b[0]["flips"].any()
+
+
+def test_config_reaches_the_loader(tmp_path):
+    from mimscale.config import load_config
+    from mimscale.data_pipeline.build import build_pretrain_data
+
+    cfg = load_config(["data.source=synthetic", f"data.root={tmp_path}", "data.synthetic_images=8",
+                       "data.synthetic_size=24", "data.batch_size=4", "data.prefetch_factor=3",
+                       "data.pin_memory=thread"])
+    ld = build_pretrain_data(cfg.data, IMG, seed=0)
+    assert ld.prefetch_factor == 3 and not ld.pin_thread  # pinning means nothing for a CPU run

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The GPU checks of one device session, in order of value, each time-limited so that one failure
-# does not stop the rest (the whole run took about 7 minutes on one H200 before the two packed-kernel
-# masking runs were added; the limits below sum to about 19, so under a 10-minute cap per command run
-# it in two parts: ONLY="tests decode masking", then ONLY="mfu kernels"):
+# does not stop the rest. The whole run took about 7 minutes on one H200 before the two packed-kernel
+# masking runs and the two loader rows were added; the limits now sum to about 22 minutes (tests 2,
+# mfu 2.5, kernels 3, decode 9, masking 4.5), so under a 10-minute cap per command run it in parts,
+# most wanted first: ONLY="tests decode", then ONLY="masking", then ONLY="mfu kernels":
 #   1. the CUDA cases of the tests (no host sync under torch's sync debug mode; nvJPEG decode
 #      against the worker path; packed == per-image);
 #   2. `mimscale bench step` for MAE ViT-L/16 at 224 px in bf16 from memory with the defaults
 #      (engine.compile=auto: compiled on CUDA) at batch 128 and 256, with a profile;
 #   3. the SDPA kernels (engine.attention) and compile on/off, ViT-B from memory;
 #   4. ViT-B from generated JPEG shards through the real loader, decoded in the workers
-#      (data.decode=cpu) and by nvJPEG (data.decode=gpu), and at a low-resolution phase size;
+#      (data.decode=cpu; also with the pin thread and 4 batches per worker ahead) and by nvJPEG
+#      (data.decode=gpu), and at a low-resolution phase size;
 #   5. `bench masking` at ViT-L: every strategy, the score-cache and packed rows (packed also with
 #      the masked and flex kernels).
 # Writes one JSON and one log per run under $OUT (default ./gpu_bench_out). Assumes `python -m
@@ -102,6 +104,11 @@ if want decode; then
     --quality 90 --workers "$WORKERS" --no-progress "$WORK/shards"
   SHARDS=(data.source=wds "data.urls=$WORK/shards/index.json" "data.num_workers=$WORKERS" --data real)
   bench vitb_real_cpu_decode "$LIMIT" "${MODEL_B[@]}" "${SHARDS[@]}" data.decode=cpu --batch "$BATCH_REAL"
+  # where batches are pinned, and how many each worker keeps ready (data.pin_memory, data.prefetch_factor)
+  bench vitb_real_pin_thread "$LIMIT" "${MODEL_B[@]}" "${SHARDS[@]}" data.decode=cpu data.pin_memory=thread \
+    --batch "$BATCH_REAL"
+  bench vitb_real_prefetch4 "$LIMIT" "${MODEL_B[@]}" "${SHARDS[@]}" data.decode=cpu data.prefetch_factor=4 \
+    --batch "$BATCH_REAL"
   bench vitb_real_gpu_decode "$LIMIT" "${MODEL_B[@]}" "${SHARDS[@]}" data.decode=gpu --batch "$BATCH_REAL" \
     --profile "$OUT/vitb_real_gpu_decode.profile.txt"
   # a low-resolution phase's step (schedule.resolution), images decoded by nvJPEG
