@@ -79,12 +79,13 @@ def build_pretrain_data(cfg_data, img_size: int, seed: int, rank: int = 0, world
     from .loader import PretrainLoader
 
     views = build_views(cfg_data, img_size)
+    decode = resolve_decode(cfg_data.decode, views, device)
     return PretrainLoader(build_source(cfg_data, rank, world_size), views,
                           cfg_data.batch_size, seed, cfg_data.num_workers, rank, world_size,
                           remainder=cfg_data.remainder, max_bad_fraction=cfg_data.max_bad_fraction,
-                          fast_decode=cfg_data.fast_decode, device=device,
-                          decode=resolve_decode(cfg_data.decode, views, device), resolution=resolution,
-                          prefetch_factor=cfg_data.prefetch_factor, pin_memory=cfg_data.pin_memory)
+                          fast_decode=cfg_data.fast_decode, device=device, decode=decode, resolution=resolution,
+                          prefetch_factor=cfg_data.prefetch_factor, pin_memory=cfg_data.pin_memory,
+                          stage=resolve_stage(cfg_data.stage, decode, device))
 
 
 def resolve_decode(decode: str, views, device) -> str:
@@ -97,6 +98,16 @@ def resolve_decode(decode: str, views, device) -> str:
     if decode != "auto":
         return decode
     return "gpu" if torch.device(device).type == "cuda" and device_ready(views) else "cpu"
+
+
+def resolve_stage(stage: str, decode: str, device) -> str:
+    """``data.stage`` for this run: auto is thread where the device decodes the JPEGs on CUDA
+    (torchvision's nvJPEG call holds the calling thread until the batch is decoded), else main."""
+    import torch
+
+    if stage != "auto":
+        return stage
+    return "thread" if decode == "gpu" and torch.device(device).type == "cuda" else "main"
 
 
 def _on_rank0(fn, rank: int, world_size: int):

@@ -48,6 +48,7 @@ from .gpu_decode import Deferred, collate_encoded, decode_batch, defer_views, de
 from .plan import EpochPlan, mix_seed
 from .resplit import LAYOUT, rest_of_epoch
 from .sources.imagefolder import ImageFolderSource
+from .stage import staged
 from .views import ViewSpec, decode_views, mae_views, normalize_uint8, normalize_uint8_on, views_at
 
 log = logging.getLogger("mimscale.data")
@@ -249,14 +250,16 @@ class PretrainLoader:
     as many batches, which may differ from ``steps_per_epoch``), then the next epoch as usual;
     only other data (another sample count) goes on from the start of the next epoch, with a warning.
     ``resolution``: ``(first epoch, size)`` phases; an epoch's views are made at its phase's size
-    (``schedule.resolution``).
+    (``schedule.resolution``). ``stage``: where a batch is put on the device: ``main`` (the thread
+    that iterates) or ``thread`` (a background thread a batch ahead, ``stage.py``); the batches are
+    the same either way.
     """
 
     def __init__(self, source, views: Sequence[ViewSpec], batch_size: int, seed: int = 0,
                  num_workers: int = 0, rank: int = 0, world_size: int = 1,
                  remainder: str = "drop", max_bad_fraction: float = 0.01, fast_decode: bool = True,
                  device: torch.device | str = "cpu", decode: str = "cpu", resolution=(),
-                 prefetch_factor: int = 2, pin_memory: str = "main"):
+                 prefetch_factor: int = 2, pin_memory: str = "main", stage: str = "main"):
         if not 0 <= max_bad_fraction <= 1:
             raise ValueError(f"max_bad_fraction {max_bad_fraction} must be in [0, 1]")
         if decode not in ("cpu", "gpu") or (decode == "gpu" and not device_ready(views)):
@@ -276,6 +279,9 @@ class PretrainLoader:
         # thread: DataLoader's pin thread pins each batch beside the step; the copy to the device then
         # finds it pinned (pin_memory() of a pinned tensor is the tensor) instead of pinning it itself
         self.prefetch_factor, self.pin_thread = prefetch_factor, pin_memory == "thread" and self.device.type == "cuda"
+        if stage not in ("main", "thread"):
+            raise ValueError(f"stage {stage!r}: 'main' or 'thread'")
+        self.stage_thread = stage == "thread"  # decode / pin / copy / normalise in a thread (stage.py)
         self.steps_per_epoch = self.plan.steps_per_epoch
         self.epoch, self.batch_in_epoch = 0, 0
         self.rest, self.earlier = None, []  # a resplit rest of the epoch, and the stretches before it
@@ -344,28 +350,34 @@ class PretrainLoader:
         while True:
             gen = self._generation
             start = self.batch_in_epoch + (0 if self.rest is not None else self.epoch * self.steps_per_epoch)
-            for batch in self._batches(start):  # a rest's stream ends with it: rebuilt for the next epoch
-                if gen != self._generation:
-                    break  # state was loaded mid-iteration: rebuild from the new position
-                if (batch["epoch"], batch["batch"]) != (self.epoch, self.batch_in_epoch):
-                    raise RuntimeError(f"data order broken: got batch {batch['batch']} of epoch "
-                                       f"{batch['epoch']}, expected {self.batch_in_epoch} of {self.epoch}")
-                self._account(batch.pop("bad"))
-                batch = self._to_device(batch)  # may find more bad samples: they count in this epoch
-                self.batch_in_epoch += 1
-                if self.batch_in_epoch == self._steps():
-                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                    self.rest, self.earlier = None, []
-                    self.stats["bad_in_epoch"] = 0
-                yield batch
+            # a rest's stream ends with it: rebuilt for the next epoch
+            batches = staged(self._batches(start), self._to_device, self.device, self.stage_thread)
+            try:
+                for batch in batches:
+                    if gen != self._generation:
+                        break  # state was loaded mid-iteration: rebuild from the new position
+                    if (batch["epoch"], batch["batch"]) != (self.epoch, self.batch_in_epoch):
+                        raise RuntimeError(f"data order broken: got batch {batch['batch']} of epoch "
+                                           f"{batch['epoch']}, expected {self.batch_in_epoch} of {self.epoch}")
+                    self._account(batch.pop("bad"))  # the workers' and the device's: they count in this epoch
+                    self.batch_in_epoch += 1
+                    if self.batch_in_epoch == self._steps():
+                        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                        self.rest, self.earlier = None, []
+                        self.stats["bad_in_epoch"] = 0
+                    yield batch
+            finally:
+                batches.close()
 
     def _to_device(self, batch: dict) -> dict:
-        """The worker's batch with its views decoded (``decode=gpu``) or normalised on the device."""
+        """The worker's batch with its views decoded (``decode=gpu``) or normalised on the device;
+        samples the device failed to decode join the batch's ``bad`` list. Reads no loader state,
+        so it may run in the staging thread (``data.stage``)."""
         if "jpeg" not in batch:
             return _normalize_views(batch, self.device)
         views, failed = decode_batch(batch, views_at(self.views, self.resolution, batch["epoch"]), self.device)
         sources = batch.pop("sources")
-        self._account([BadSample(*sources[row], reason) for row, reason in failed])
+        batch["bad"] = batch["bad"] + [BadSample(*sources[row], reason) for row, reason in failed]
         batch["images"] = views[0]
         if len(views) > 1:
             batch["views"] = views

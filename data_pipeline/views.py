@@ -302,15 +302,19 @@ def normalize_uint8_on(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.float().mul_(scale).add_(shift)  # the host's operations in its order: the same floats
 
 
-_CONSTANTS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _device_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    if device not in _CONSTANTS:
-        pinned = device.type == "cuda"  # an asynchronous copy: no host sync, even the first time
-        _CONSTANTS[device] = tuple((torch.from_numpy(c).pin_memory() if pinned else torch.from_numpy(c))
-                                   .to(device, non_blocking=pinned) for c in (_SCALE, _SHIFT))
-    return _CONSTANTS[device]
+    """The normaliser's scale and shift on ``device``. On CUDA one copy per stream: the copy is
+    asynchronous (no host sync, even the first time), so only work queued behind it on the same
+    stream may read it (the staging thread, ``stage.py``, has a stream of its own)."""
+    pinned = device.type == "cuda"
+    key = (device, torch.cuda.current_stream(device).cuda_stream) if pinned else (device,)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = tuple((torch.from_numpy(c).pin_memory() if pinned else torch.from_numpy(c))
+                                .to(device, non_blocking=pinned) for c in (_SCALE, _SHIFT))
+    return _CONSTANTS[key]
 
 
 def normalize_uint8(x, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -83,6 +83,11 @@ class DataConfig:
     pin_memory: str = _opt("main", "where a batch bound for a GPU is copied into pinned memory: main (the "
                            "main thread, just before its copy to the device) or thread (DataLoader's pin "
                            "thread, beside the step); unused on a CPU", choices=("main", "thread"))
+    stage: str = _opt("auto", "where a batch is put on the training device (pinning, the copy, normalising; "
+                      "with data.decode=gpu the decode and the views): main (the training thread) or "
+                      "thread (a background thread, a batch ahead, beside the step); auto: thread when "
+                      "JPEGs are decoded on a GPU (nvJPEG's call blocks until the batch is decoded), "
+                      "else main", choices=("main", "thread", "auto"))
     remainder: str = _opt("drop", "samples beyond a multiple of ranks x batch each epoch: drop "
                           "them, or pad by repeating the epoch's first ones", choices=("drop", "pad"))
     max_bad_fraction: float = _opt(0.01, "stop when more than this fraction of a rank's samples in "

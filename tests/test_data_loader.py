@@ -1,6 +1,7 @@
 """The loader on every source: batches and geometry, exactly-once over 2 ranks x 2 workers,
 sample-exact mid-epoch resume, bad samples (skipped, counted, logged, bounded)."""
 
+import dataclasses
 import io
 import itertools
 import logging
@@ -297,6 +298,9 @@ def test_config_reaches_the_loader(tmp_path):
 
     cfg = load_config(["data.source=synthetic", f"data.root={tmp_path}", "data.synthetic_images=8",
                        "data.synthetic_size=24", "data.batch_size=4", "data.prefetch_factor=3",
-                       "data.pin_memory=thread"])
+                       "data.pin_memory=thread", "data.stage=thread"])
     ld = build_pretrain_data(cfg.data, IMG, seed=0)
     assert ld.prefetch_factor == 3 and not ld.pin_thread  # pinning means nothing for a CPU run
+    assert ld.stage_thread
+    auto = dataclasses.replace(cfg.data, stage="auto")
+    assert not build_pretrain_data(auto, IMG, seed=0).stage_thread  # main on a CPU

@@ -277,13 +277,61 @@ def test_auto_decodes_on_the_device_only_for_cuda():
 
 # --------------------------------------------------------------------------- training and bench step
 
-def test_bench_step_trains_from_jpeg_shards_decoded_in_the_main_process(tiny_overrides, tmp_path):
+def test_bench_step_trains_from_jpeg_shards_decoded_in_the_training_process(tiny_overrides, tmp_path):
     shards = write_shards(tmp_path / "wds", 24, size=40, quality=90, max_count=8, progress=False)
     out = tmp_path / "bench.json"
     overrides = [*tiny_overrides, "engine.device=cpu", "data.source=wds", f"data.urls={shards}",
-                 "data.decode=gpu", "data.num_workers=1"]
+                 "data.decode=gpu", "data.num_workers=1", "data.stage=thread"]
     assert main(["bench", "step", *overrides, "--data", "real", "--warmup", "1", "--steps", "2",
                  "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())
-    assert row["decode"] == "gpu" and row["data"] == "real" and row["images_per_s"] > 0
+    assert row["decode"] == "gpu" and row["stage"] == "thread" and row["data"] == "real" and row["images_per_s"] > 0
     assert row["skipped_steps"] == 0
+
+
+@pytest.mark.parametrize("decode,workers", [("gpu", 0), ("gpu", 2), ("cpu", 2)])
+def test_the_staging_thread_hands_out_the_same_batches(mixed, decode, workers):
+    """``data.stage=thread`` moves the decode (or the normalising) to a background thread: the same
+    batches in the same order, bit for bit, the same bad samples counted and recorded, the same
+    positions to resume from."""
+    def run(stage):
+        ld = PretrainLoader(TarShardSource(mixed), mae_views(32), batch_size=4, seed=5, num_workers=workers,
+                            max_bad_fraction=0.5, decode=decode, stage=stage)
+        it = iter(ld)
+        out = []
+        for _ in range(8):  # two epochs
+            b = next(it)
+            out.append((b, ld.state_dict(), ld.take_bad_records()))
+        it.close()
+        return out
+
+    main_run, thread_run = run("main"), run("thread")
+    for (a, state_a, bad_a), (b, state_b, bad_b) in zip(main_run, thread_run):
+        assert (a["epoch"], a["batch"]) == (b["epoch"], b["batch"]) and state_a == state_b
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["images"], b["images"])
+        assert bad_a == bad_b
+    assert sum(len(bad) for *_, bad in thread_run) == 4  # s05 and s11, in each epoch
+
+
+def test_a_loader_resumed_mid_iteration_restarts_its_staging_thread(mixed):
+    """``load_state_dict`` on a loader whose staging thread already prepared batches from the old
+    position: the next batch is the new position's, and the old thread stops."""
+    import threading
+
+    def loader():
+        return PretrainLoader(TarShardSource(mixed), mae_views(32), batch_size=4, seed=5, max_bad_fraction=0.5,
+                              decode="gpu", stage="thread")
+
+    straight = loader()
+    expected = list(itertools.islice(iter(straight), 4))
+    ld = loader()
+    it = iter(ld)
+    next(it)
+    state = ld.state_dict()
+    next(it), next(it)
+    ld.load_state_dict(state)  # back to batch 1, while the thread is ahead
+    again = [next(it) for _ in range(3)]
+    for a, b in zip(expected[1:], again):
+        assert (a["epoch"], a["batch"]) == (b["epoch"], b["batch"]) and torch.equal(a["images"], b["images"])
+    it.close()
+    assert not [t for t in threading.enumerate() if t.name == "mimscale-data-stage"]
