@@ -161,6 +161,77 @@ def test_decoding_leaves_memory_the_current_stream_still_reads_alone(device):
     assert all(abs(int(img.float().mean()) - 200) <= 2 for img in images)
 
 
+def _interpolated_view(img, box, flip, size):
+    """The direct way to make a view: crop, ``F.interpolate`` (antialiased bicubic), flip."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    view = torch.nn.functional.interpolate(img[None, :, y0:y1, x0:x1].float(), size=(size, size), mode="bicubic",
+                                           antialias=True)[0]
+    return view.flip(-1) if flip else view
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batched_resampling_is_interpolate_on_each_crop(device):
+    """The views made by two batched matmuls per image size equal crop + ``F.interpolate`` +
+    flip of each image: random boxes of every kind (down- and upscaled, one pixel wide, the whole
+    image, at the edges), two views, images of three sizes, one group split into chunks."""
+    from mimscale.data_pipeline import gpu_decode
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(3, 37, 53), (3, 37, 53), (3, 64, 48), (3, 37, 53), (3, 9, 300), (3, 37, 53)]
+    images = [torch.randint(0, 256, s, generator=gen, dtype=torch.uint8).to(device) for s in shapes]
+    boxes = []
+    for i, (_, h, w) in enumerate(shapes):
+        per_view = []
+        for j in range(2):
+            if (i + j) % 4 == 0:
+                per_view.append((0, 0, w, h))  # the whole image
+            elif (i + j) % 4 == 1:
+                x, y = int(torch.randint(0, w, (1,), generator=gen)), int(torch.randint(0, h, (1,), generator=gen))
+                per_view.append((x, y, x + 1, min(h, y + 2)))  # one pixel wide: upscaled 32x
+            else:
+                x0, x1 = sorted(torch.randint(0, w + 1, (2,), generator=gen).tolist())
+                y0, y1 = sorted(torch.randint(0, h + 1, (2,), generator=gen).tolist())
+                per_view.append((x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)))
+        boxes.append(per_view)
+    boxes_t = torch.tensor(boxes, dtype=torch.float32)
+    flips = torch.rand(len(shapes), 2, generator=gen) < 0.5
+    rows = [5, 0, 3, 1, 4, 2]  # batch rows of the images, in another order
+    sizes = (16, 24)
+    views = [torch.full((6, 3, s, s), float("nan"), device=device) for s in sizes]
+    old = gpu_decode._CHUNK_BYTES
+    gpu_decode._CHUNK_BYTES = 2 * 4 * 3 * 37 * 53  # the 37 x 53 group of four in two chunks
+    try:
+        gpu_decode._resample_into(views, list(zip(rows, images)), _by_row(boxes_t, rows), _by_row(flips, rows),
+                                  torch.device(device))
+    finally:
+        gpu_decode._CHUNK_BYTES = old
+    for k, (img, r) in enumerate(zip(images, rows)):
+        for j, s in enumerate(sizes):
+            want = _interpolated_view(img, boxes[k][j], bool(flips[k, j]), s)
+            assert torch.allclose(views[j][r], want, atol=2e-3, rtol=0), (k, j, boxes[k][j])
+
+
+def _by_row(per_image: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """Per-image values laid out by batch row (image ``k`` in row ``rows[k]``)."""
+    out = torch.empty_like(per_image)
+    out[torch.tensor(rows)] = per_image
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_resize_weights_edge_cases(device):
+    """One output pixel, a box equal to the output size (the identity), rows that sum to one."""
+    from mimscale.data_pipeline.gpu_decode import resize_weights
+
+    start, stop = torch.tensor([3.0, 0.0], device=device), torch.tensor([11.0, 8.0], device=device)
+    w = resize_weights(start, stop, 12, 8)
+    assert torch.allclose(w[0][:, 3:11], torch.eye(8, device=device), atol=1e-6)  # 8 -> 8: the identity
+    assert w[0][:, :3].abs().sum() == 0 and w[0][:, 11:].abs().sum() == 0
+    assert torch.allclose(w.sum(-1), torch.ones(2, 8, device=device), atol=1e-6)
+    one = resize_weights(torch.tensor([0.0], device=device), torch.tensor([12.0], device=device), 12, 1)
+    assert one.shape == (1, 1, 12) and torch.allclose(one.sum(), torch.tensor(1.0, device=device))
+
+
 def test_the_worker_keeps_what_the_device_does_not_take(jpegs):
     """PNG, CMYK, raw pixels, a truncated JPEG (no EOI marker), an unreadable header: decoded in the
     worker, and nothing drawn from the sample's stream."""
