@@ -1,24 +1,25 @@
 #!/usr/bin/env bash
 # The GPU checks of one device session, in order of value, each time-limited so that one failure
-# does not stop the rest. The whole run took about 7 minutes on one H200 before the two packed-kernel
-# masking runs and the two loader rows were added; the limits now sum to about 22 minutes (tests 2,
-# mfu 2.5, kernels 3, decode 9, masking 4.5), so under a 10-minute cap per command run it in parts,
-# most wanted first: ONLY="tests decode", then ONLY="masking", then ONLY="mfu kernels":
+# does not stop the rest. The whole run took about 7 minutes on one H200 before the packed-kernel
+# masking runs and the loader rows were added; the limits now sum to about 25 minutes (tests 2, mfu
+# 2.5, kernels 3, decode 6, loader 7, masking 4.5), so under a 10-minute cap per command run it in
+# parts, most wanted first: ONLY="tests decode", then ONLY="masking mfu", then ONLY="loader kernels":
 #   1. the CUDA cases of the tests (no host sync under torch's sync debug mode; nvJPEG decode
 #      against the worker path; packed == per-image);
 #   2. `mimscale bench step` for MAE ViT-L/16 at 224 px in bf16 from memory with the defaults
 #      (engine.compile=auto: compiled on CUDA) at batch 128 and 256, with a profile;
 #   3. the SDPA kernels (engine.attention) and compile on/off, ViT-B from memory;
 #   4. ViT-B from generated JPEG shards through the real loader, decoded in the workers
-#      (data.decode=cpu; also with the pin thread and 4 batches per worker ahead) and by nvJPEG
-#      (data.decode=gpu), and at a low-resolution phase size;
+#      (data.decode=cpu) and by nvJPEG (data.decode=gpu), each with the batch's host stage in the
+#      training thread and in the staging thread (data.stage); then (loader) the loader alone both
+#      ways, the pin thread, 4 batches per worker ahead, and a low-resolution phase's size;
 #   5. `bench masking` at ViT-L: every strategy, the score-cache and packed rows (packed also with
 #      the masked and flex kernels).
 # Writes one JSON and one log per run under $OUT (default ./gpu_bench_out). Assumes `python -m
 # mimscale` works (mimscale and its dependencies installed).
 #
 #   OUT=/path/to/results bash tools/gpu_bench.sh
-#   ONLY="tests masking" bash tools/gpu_bench.sh   # some sections: tests mfu kernels decode masking
+#   ONLY="tests masking" bash tools/gpu_bench.sh   # some sections: tests mfu kernels decode loader masking
 #   MIMSCALE_BENCH_DRY=1 bash tools/gpu_bench.sh   # the same runs with a tiny model on the CPU (checks the script)
 set -uo pipefail
 
@@ -82,6 +83,7 @@ bench() {  # bench NAME TIMEOUT_S ARGS...: `mimscale bench step` writing $OUT/NA
 
 # 1. the tests' CUDA cases (they are collected only where CUDA exists)
 want tests && run tests 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_no_host_sync.py tests/test_gpu_decode.py \
+  tests/test_data_stage.py \
   tests/test_packed.py tests/test_score_cache.py "${TESTS[@]}"
 
 # 2. ViT-L with the defaults (compiled on CUDA): the MFU figure, and what holds it back
@@ -95,23 +97,34 @@ if want kernels; then
   bench vitb_memory "$LIMIT" "${MODEL_B[@]}" --batch "$BATCH_B"
 fi
 
-# 4. from JPEG shards through the real loader: decoded in the workers, then by nvJPEG
+# 4. from JPEG shards through the real loader: decoded in the workers, then by nvJPEG, each with the
+#    batch's host stage in the training thread and in the staging thread (data.stage)
+shards() {  # generated JPEG shards, written once per run of this script
+  [ -f "$WORK/shards/index.json" ] || run write_shards 60 "$PYTHON" -m mimscale shards write --synthetic "$IMAGES" \
+    --synthetic-size "$SIDE" --quality 90 --workers "$WORKERS" --no-progress "$WORK/shards"
+  SHARDS=(data.source=wds "data.urls=$WORK/shards/index.json" "data.num_workers=$WORKERS" --data real)
+}
 if want decode; then
+  shards
+  bench vitb_real_cpu_decode "$LIMIT" "${MODEL_B[@]}" "${SHARDS[@]}" data.decode=cpu --batch "$BATCH_REAL"
+  bench vitb_real_cpu_decode_thread "$LIMIT" "${MODEL_B[@]}" "${SHARDS[@]}" data.decode=cpu data.stage=thread \
+    --batch "$BATCH_REAL"
+  bench vitb_real_gpu_decode "$LIMIT" "${MODEL_B[@]}" "${SHARDS[@]}" data.decode=gpu --batch "$BATCH_REAL" \
+    --profile "$OUT/vitb_real_gpu_decode.profile.txt"  # data.stage=auto: the staging thread
+  bench vitb_real_gpu_decode_main "$LIMIT" "${MODEL_B[@]}" "${SHARDS[@]}" data.decode=gpu data.stage=main \
+    --batch "$BATCH_REAL"
+fi
+# 4b. the other loader choices: where batches are pinned, how many each worker keeps ready
+#     (data.pin_memory, data.prefetch_factor), and a low-resolution phase's step decoded by nvJPEG
+if want loader; then
   # the loader alone: images/s of the workers decoding vs the main process decoding on the GPU
   run data_decode 120 "$PYTHON" -m mimscale bench data "${DATA_ARGS[@]}" --workers "$WORKERS" --rows wds,wds-gpu \
     --cache "$WORK/bench-data" --json "$OUT/data_decode.json"
-  run write_shards 60 "$PYTHON" -m mimscale shards write --synthetic "$IMAGES" --synthetic-size "$SIDE" \
-    --quality 90 --workers "$WORKERS" --no-progress "$WORK/shards"
-  SHARDS=(data.source=wds "data.urls=$WORK/shards/index.json" "data.num_workers=$WORKERS" --data real)
-  bench vitb_real_cpu_decode "$LIMIT" "${MODEL_B[@]}" "${SHARDS[@]}" data.decode=cpu --batch "$BATCH_REAL"
-  # where batches are pinned, and how many each worker keeps ready (data.pin_memory, data.prefetch_factor)
+  shards
   bench vitb_real_pin_thread "$LIMIT" "${MODEL_B[@]}" "${SHARDS[@]}" data.decode=cpu data.pin_memory=thread \
     --batch "$BATCH_REAL"
   bench vitb_real_prefetch4 "$LIMIT" "${MODEL_B[@]}" "${SHARDS[@]}" data.decode=cpu data.prefetch_factor=4 \
     --batch "$BATCH_REAL"
-  bench vitb_real_gpu_decode "$LIMIT" "${MODEL_B[@]}" "${SHARDS[@]}" data.decode=gpu --batch "$BATCH_REAL" \
-    --profile "$OUT/vitb_real_gpu_decode.profile.txt"
-  # a low-resolution phase's step (schedule.resolution), images decoded by nvJPEG
   bench vitb_real_lowres "$LIMIT" "${MODEL_B[@]}" "${LOWRES[@]}" "${SHARDS[@]}" data.decode=gpu --batch "$BATCH_REAL"
 fi
 
