@@ -109,8 +109,8 @@ def decode_batch(batch: dict, specs, device: torch.device) -> tuple[list[torch.T
     to decode here, whose row (pixels, boxes, flips, sizes, index, labels) now repeats a good one's."""
     data, lengths, rows = batch.pop("jpeg"), batch.pop("jpeg_lengths").tolist(), batch.pop("jpeg_rows").tolist()
     worker_rows, worker_views = batch.pop("worker_rows", None), batch.pop("worker_views", None)
-    images, bad = _decode(list(torch.split(data, lengths)), [tuple(batch["sizes"][r].tolist()) for r in rows],
-                          device)
+    sizes = batch["sizes"].tolist()
+    images, bad = _decode(list(torch.split(data, lengths)), [tuple(sizes[r]) for r in rows], device)
     size = len(batch["index"])
     scale, shift = _device_constants(device)
     views = [torch.empty((size, 3, spec.size, spec.size), dtype=torch.float32, device=device) for spec in specs]
