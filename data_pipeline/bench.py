@@ -167,10 +167,12 @@ def _make(row, root, index, beton, args):
         from .sources.imagefolder import ImageFolderSource
         return _mimscale(ImageFolderSource(root), args)
     if row.startswith("wds"):  # wds-gpu: the workers plan, the main process decodes (data.decode=gpu),
-        import torch  # on the GPU where there is one
+        import torch  # on the GPU where there is one, in the staging thread as training would (data.stage=auto)
 
+        from .build import resolve_stage
         from .sources.wds import TarShardSource
-        gpu = dict(decode="gpu", device="cuda" if torch.cuda.is_available() else "cpu") if row == "wds-gpu" else {}
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        gpu = dict(decode="gpu", device=device, stage=resolve_stage("auto", "gpu", device)) if row == "wds-gpu" else {}
         return _mimscale(TarShardSource(str(index)), args, **gpu)
     if row == "ffcv":
         from .sources.beton import BetonSource
