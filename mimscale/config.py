@@ -266,6 +266,12 @@ class EngineConfig:
     compile: bool | str = _opt("auto", "torch.compile each transformer block; auto = on CUDA under ddp and "
                                "fsdp (+20-40 % images/s on an H200, docs/performance.md), off on CPUs "
                                "(slow to start) and under deepspeed", choices=(True, False, "auto"))
+    compile_mode: str = _opt("default", "torch.compile mode of the compiled blocks: default; "
+                             "max-autotune-no-cudagraphs (Triton matmul templates with the bias and GELU fused "
+                             "into them, tuned at the first step: slower to start); reduce-overhead (each "
+                             "block's forward and backward replayed as CUDA graphs: less host time per "
+                             "kernel); max-autotune (both)",
+                             choices=("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"))
     attention: str = _opt("auto", "scaled-dot-product attention kernel: auto = torch's choice, or "
                           "only the named one (CUDA: flash, cudnn, efficient; math anywhere)",
                           choices=("auto", "flash", "cudnn", "efficient", "math"))

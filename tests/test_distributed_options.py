@@ -45,12 +45,13 @@ def test_activation_checkpointing_recomputes_the_same_gradients(tiny_config):
 
 
 @pytest.mark.slow
-def test_compiled_block_matches_eager():
+@pytest.mark.parametrize("mode", ["default", "max-autotune-no-cudagraphs", "reduce-overhead"])
+def test_compiled_block_matches_eager(mode):
     torch.manual_seed(0)
     eager = Block(32, 2)
     compiled = Block(32, 2)
     compiled.load_state_dict(eager.state_dict())
-    compile_blocks(transformer_blocks(torch.nn.Sequential(compiled)))
+    compile_blocks(transformer_blocks(torch.nn.Sequential(compiled)), mode)
     x = torch.randn(2, 5, 32)
     for blk in (eager, compiled):
         blk(x).square().sum().backward()
@@ -101,6 +102,28 @@ def test_compile_auto_compiles_on_cuda_only(tiny_config):
     with pytest.raises(ConfigError, match="valid: True, False, auto"):
         tiny_config("engine.compile=yes")
     assert Trainer(tiny_config("engine.device=cpu")).backend.compile is False
+
+
+def test_compile_mode_reaches_every_block(tiny_config, monkeypatch):
+    """``engine.compile_mode`` is torch.compile's ``mode`` for each compiled block; bad modes are named."""
+    modes = []
+    real = torch.compile
+
+    def spy(fn=None, *args, mode=None, **kwargs):
+        modes.append(mode)
+        return real(fn, *args, mode=mode, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    trainer = Trainer(tiny_config("engine.device=cpu", "engine.compile=true",
+                                  "engine.compile_mode=max-autotune-no-cudagraphs"))
+    blocks = transformer_blocks(trainer.method)
+    assert trainer.backend.compile_mode == "max-autotune-no-cudagraphs"
+    assert modes == ["max-autotune-no-cudagraphs"] * len(blocks) and len(blocks) > 0
+    modes.clear()
+    Trainer(tiny_config("engine.device=cpu", "engine.compile=true"))
+    assert modes and set(modes) == {None}  # default: torch's own default mode
+    with pytest.raises(ConfigError, match="valid: default, max-autotune-no-cudagraphs, reduce-overhead"):
+        tiny_config("engine.compile_mode=fast")
 
 
 @pytest.fixture

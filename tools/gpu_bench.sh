@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks of one device session, in order of value, each time-limited so that one failure
 # does not stop the rest. The whole run took about 7 minutes on one H200 before the packed-kernel
-# masking runs and the loader rows were added; the limits now sum to about 25 minutes (tests 2, mfu
-# 2.5, kernels 3, decode 6, loader 7, masking 4.5), so under a 10-minute cap per command run it in
-# parts, most wanted first: ONLY="tests decode", then ONLY="masking mfu", then ONLY="loader kernels":
+# masking runs and the loader and compile rows were added; the limits now sum to about 33 minutes
+# (tests 2, mfu 2.5, compile 8, kernels 3, decode 6, loader 7, masking 4.5), so under a 10-minute
+# cap per command run it in parts, most wanted first: ONLY="tests decode", then ONLY="mfu compile",
+# then ONLY="masking loader", then ONLY="kernels":
 #   1. the CUDA cases of the tests (no host sync under torch's sync debug mode; nvJPEG decode
 #      against the worker path; packed == per-image);
 #   2. `mimscale bench step` for MAE ViT-L/16 at 224 px in bf16 from memory with the defaults
-#      (engine.compile=auto: compiled on CUDA) at batch 128 and 256, with a profile;
+#      (engine.compile=auto: compiled on CUDA) at batch 128, 256 and 512, with a profile; then
+#      (compile) at batch 256 with engine.compile_mode max-autotune-no-cudagraphs and reduce-overhead;
 #   3. the SDPA kernels (engine.attention) and compile on/off, ViT-B from memory;
 #   4. ViT-B from generated JPEG shards through the real loader, decoded in the workers
 #      (data.decode=cpu) and by nvJPEG (data.decode=gpu), each with the batch's host stage in the
@@ -19,7 +21,7 @@
 # mimscale` works (mimscale and its dependencies installed).
 #
 #   OUT=/path/to/results bash tools/gpu_bench.sh
-#   ONLY="tests masking" bash tools/gpu_bench.sh   # some sections: tests mfu kernels decode loader masking
+#   ONLY="tests masking" bash tools/gpu_bench.sh   # some sections: tests mfu compile kernels decode loader masking
 #   MIMSCALE_BENCH_DRY=1 bash tools/gpu_bench.sh   # the same runs with a tiny model on the CPU (checks the script)
 set -uo pipefail
 
@@ -37,7 +39,7 @@ if [ -n "${MIMSCALE_BENCH_DRY:-}" ]; then
   LOWRES=(model.img_size=16)
   ENGINE=(engine.precision=fp32 engine.device=cpu)
   KERNELS=(math)
-  BATCH_B=8 BATCH_L=4,8 BATCH_REAL=8 WARMUP=1 STEPS=2 IMAGES=64 SIDE=96 WORKERS=2 LIMIT=300
+  BATCH_B=8 BATCH_L=4,8 BATCH_CM=4 BATCH_REAL=8 WARMUP=1 STEPS=2 IMAGES=64 SIDE=96 WORKERS=2 LIMIT=300
   DATA_ARGS=(--images 64 --image-size 96x96 --img-size 32 --batch-size 8 --batches 2 --rounds 1)
   MASK_ARGS=(--model mae_vit_tiny_patch16 --img-size 32 --batch 4 --rounds 1 --device cpu
              --rows "gpa,sbam_amr,cmae_2shot")
@@ -49,7 +51,7 @@ else
   LOWRES=(model.img_size=160)
   ENGINE=(engine.precision=bf16 engine.device=cuda)
   KERNELS=(auto flash efficient)
-  BATCH_B=256 BATCH_L=128,256,512 BATCH_REAL=256 WARMUP=5 STEPS=25 IMAGES=4096 SIDE=384 WORKERS=15 LIMIT=75
+  BATCH_B=256 BATCH_L=128,256,512 BATCH_CM=256 BATCH_REAL=256 WARMUP=5 STEPS=25 IMAGES=4096 SIDE=384 WORKERS=15 LIMIT=75
   DATA_ARGS=(--images 2048 --image-size 384x384 --img-size 224 --batch-size 256 --batches 8 --rounds 2)
   MASK_ARGS=(--model mae_vit_large_patch16 --img-size 224 --batch 32 --precision bf16 --rounds 4)
   TESTS=(-k cuda)
@@ -88,6 +90,15 @@ want tests && run tests 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/tes
 
 # 2. ViT-L with the defaults (compiled on CUDA): the MFU figure, and what holds it back
 want mfu && bench vitl_memory "$((LIMIT + 75))" "${MODEL_L[@]}" --batch "$BATCH_L" --profile "$OUT/vitl_memory.profile.txt"
+
+# 2b. the compile modes (engine.compile_mode) on the same ViT-L step at batch 256: fused matmul
+#     epilogues (max-autotune-no-cudagraphs) and CUDA graphs per block (reduce-overhead)
+if want compile; then
+  for mode in max-autotune-no-cudagraphs reduce-overhead; do
+    bench "vitl_compile_$mode" "$((LIMIT * 3 + 15))" "${MODEL_L[@]}" engine.compile=true "engine.compile_mode=$mode" \
+      --batch "$BATCH_CM"
+  done
+fi
 
 # 3. the measured defaults: SDPA kernel (uncompiled, so the kernel is all that differs), compile
 if want kernels; then

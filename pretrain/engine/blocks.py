@@ -46,17 +46,18 @@ def checkpoint_activations(blocks: list[nn.Module]) -> None:
         blk._mimscale_checkpointed = True
 
 
-def compile_blocks(blocks: list[nn.Module]) -> None:
+def compile_blocks(blocks: list[nn.Module], mode: str = "default") -> None:
     """``torch.compile`` each block in place (one small graph per block compiles fast and is
-    reused by every block of the same shape)."""
+    reused by every block of the same shape), in torch.compile's ``mode`` (``engine.compile_mode``)."""
     for blk in blocks:
-        blk.compile()
+        blk.compile(mode=None if mode == "default" else mode)
 
 
-def prepare_blocks(model: nn.Module, activation_checkpointing: bool, compile: bool) -> list[nn.Module]:
+def prepare_blocks(model: nn.Module, activation_checkpointing: bool, compile: bool,
+                   compile_mode: str = "default") -> list[nn.Module]:
     blocks = transformer_blocks(model)
     if activation_checkpointing:
         checkpoint_activations(blocks)
     if compile:
-        compile_blocks(blocks)
+        compile_blocks(blocks, compile_mode)
     return blocks
