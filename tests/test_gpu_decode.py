@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import random
+import threading
 
 import numpy as np
 import pytest
@@ -358,6 +359,7 @@ def test_bench_step_trains_from_jpeg_shards_decoded_in_the_training_process(tiny
     (row,) = json.loads(out.read_text())
     assert row["decode"] == "gpu" and row["stage"] == "thread" and row["data"] == "real" and row["images_per_s"] > 0
     assert row["skipped_steps"] == 0
+    assert not [t for t in threading.enumerate() if t.name == "mimscale-data-stage"]  # the run closed it
 
 
 @pytest.mark.parametrize("decode,workers", [("gpu", 0), ("gpu", 2), ("cpu", 2)])
@@ -387,8 +389,6 @@ def test_the_staging_thread_hands_out_the_same_batches(mixed, decode, workers):
 def test_a_loader_resumed_mid_iteration_restarts_its_staging_thread(mixed):
     """``load_state_dict`` on a loader whose staging thread already prepared batches from the old
     position: the next batch is the new position's, and the old thread stops."""
-    import threading
-
     def loader():
         return PretrainLoader(TarShardSource(mixed), mae_views(32), batch_size=4, seed=5, max_bad_fraction=0.5,
                               decode="gpu", stage="thread")
