@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from mimscale.cli import main
 from mimscale.config import load_config
@@ -30,6 +31,7 @@ def test_bench_step_sweeps_batches_from_memory(tiny_overrides, tmp_path):
     rows = bench(tmp_path, overrides, "--batch", "4,8", "--profile", str(tmp_path / "prof.txt"))
     check_rows(rows, overrides, [4, 8])
     assert all(r["mfu"] is None and r["data"] == "memory" for r in rows)  # a CPU has no known peak
+    assert all(r["device_busy_share"] is None for r in rows)  # kernels are timed on CUDA only
     for b in (4, 8):  # one operator table per batch size, led by the real step's matmuls
         table = (tmp_path / f"prof.txt.b{b}").read_text()
         assert table.startswith("5 training steps, operators by self_cpu_time_total") and "aten::" in table
@@ -48,3 +50,17 @@ def test_count_only_runs_nothing(tiny_overrides, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| encoder |" in out and "GFLOP per image" in out
     assert not (tmp_path / "x.json").exists()
+
+
+def test_busy_share_counts_overlapping_kernels_once():
+    """Against counting covered microseconds one by one: nested, overlapping, touching, outside the
+    window, empty."""
+    from mimscale.pretrain.engine.bench_step import busy_share
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        starts = torch.randint(0, 90, (12,), generator=gen).tolist()
+        spans = [(a, a + int(torch.randint(0, 25, (1,), generator=gen))) for a in starts]
+        covered = sum(any(a <= t < b for a, b in spans) for t in range(10, 100))
+        assert busy_share(spans, 10, 100) == pytest.approx(covered / 90)
+    assert busy_share([(0, 5), (5, 10)], 0, 10) == 1.0 and busy_share([], 0, 10) == 0.0

@@ -78,20 +78,46 @@ def _peak_memory(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, "process peak RSS"
 
 
-def _profile(trainer, batches, device: torch.device, out: Path, steps: int = 5) -> None:
+def _profile(trainer, batches, device: torch.device, out: Path, steps: int = 5) -> float | None:
     """``steps`` more training steps under torch.profiler; the operators by self time, to ``out``:
-    where a figure falls short of the peak, this says which kernels hold it back."""
+    where a figure falls short of the peak, this says which kernels hold it back. On CUDA also the
+    share of the profiled time in which some kernel ran (returned): well under 1, the device waits
+    for the host (Python dispatch, a sync, data), whatever its kernels' speed."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
             trainer.train_step(batches, DataWait())
         _sync(device)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    busy = None
+    head = f"{steps} training steps, operators by {key}\n"
+    if cuda:
+        events = list(prof.events())
+        kernels = [(e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA]
+        start = min(e.time_range.start for e in events)
+        end = max(e.time_range.end for e in events)
+        busy = busy_share(kernels, start, end)
+        head += (f"device busy (a kernel or copy running) {busy:.1%} of the profiled {(end - start) / 1e3 / steps:.1f} ms "
+                 "per step\n")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"{steps} training steps, operators by {key}\n"
-                   + prof.key_averages().table(sort_by=key, row_limit=30) + "\n")
+    out.write_text(head + prof.key_averages().table(sort_by=key, row_limit=30) + "\n")
+    return busy
+
+
+def busy_share(intervals: list[tuple[float, float]], start: float, end: float) -> float:
+    """The share of ``[start, end)`` covered by the union of ``intervals`` (overlaps counted once:
+    kernels of several streams may run at the same time)."""
+    covered, reach = 0.0, start
+    for a, b in sorted(intervals):
+        a, b = max(a, reach), min(b, end)
+        if b > a:
+            covered += b - a
+            reach = b
+    return covered / (end - start) if end > start else 0.0
 
 
 def measure(cfg, warmup: int, steps: int, data: str, profile: Path | None = None) -> dict:
@@ -122,8 +148,7 @@ def measure(cfg, warmup: int, steps: int, data: str, profile: Path | None = None
         _sync(device)
         elapsed = time.perf_counter() - start
         peak_gb, peak_kind = _peak_memory(device)
-        if profile is not None:
-            _profile(trainer, batches, device, profile)
+        busy = _profile(trainer, batches, device, profile) if profile is not None else None
     finally:
         batches.close()
         trainer.logger.close()
@@ -139,7 +164,7 @@ def measure(cfg, warmup: int, steps: int, data: str, profile: Path | None = None
             "step_ms": 1000 * elapsed / steps, "images_per_s": images_per_s, **rates,
             "peak_tflops": trainer.throughput.peak, "gflops_per_image": trainer.throughput.flops.per_image / 1e9,
             "data_wait_share": min(1.0, wait.seconds / elapsed), "peak_mem_gb": peak_gb, "peak_mem_kind": peak_kind,
-            "skipped_steps": trainer.guard.skipped}
+            "skipped_steps": trainer.guard.skipped, "device_busy_share": busy}
 
 
 def _device_name(device: torch.device) -> str:
