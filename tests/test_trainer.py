@@ -109,12 +109,13 @@ def test_data_wait_is_logged(tiny_config, tmp_path):
     assert sum(waits["fast"]) < 4 * 250 / 2, waits
 
 
-def test_a_batch_fetched_ahead_is_put_back(tiny_config):
+@pytest.mark.parametrize("stage", ["main", "thread"])
+def test_a_batch_fetched_ahead_is_put_back(tiny_config, stage):
     """The loop's one-ahead reader: the position counts consumed batches only, and closing it makes
-    the fetched-ahead batch the loader's next one."""
+    the fetched-ahead batch the loader's next one (also when a staging thread prepared more)."""
     from mimscale.pretrain.engine.trainer import _OneAhead
 
-    data = Trainer(tiny_config("schedule.max_steps=4")).data
+    data = Trainer(tiny_config("schedule.max_steps=4", f"data.stage={stage}")).data
     ahead, wait = _OneAhead(data), DataWait()
     first = ahead.next(wait)
     ahead.fetch(wait)
@@ -127,10 +128,12 @@ def test_a_batch_fetched_ahead_is_put_back(tiny_config):
     assert not torch.equal(again["index"], first["index"])
 
 
-def test_resume_equals_uninterrupted(tiny_config, tmp_path):
-    """Stop after a checkpoint, resume=auto: the remaining losses and final weights are identical."""
+@pytest.mark.parametrize("stage", ["main", "thread"])
+def test_resume_equals_uninterrupted(tiny_config, tmp_path, stage):
+    """Stop after a checkpoint, resume=auto: the remaining losses and final weights are identical
+    (with the batches put on the device in the training thread, and in a staging thread)."""
     full = Trainer(tiny_config("schedule.max_steps=8", "output.checkpoint_every=3", "output.keep_last=null",
-                               "optim.clip_grad=1.0")).fit()
+                               "optim.clip_grad=1.0", f"data.stage={stage}")).fit()
     losses = dict(full.losses)
     final = load_checkpoint(full.checkpoint)["model"]
 
@@ -140,7 +143,7 @@ def test_resume_equals_uninterrupted(tiny_config, tmp_path):
     (resumed_dir / "checkpoints").mkdir(parents=True)
     shutil.copytree(full.run_dir / "checkpoints" / "step_00000006", resumed_dir / "checkpoints" / "step_00000006")
     cfg = tiny_config("schedule.max_steps=8", "output.checkpoint_every=3", "optim.clip_grad=1.0",
-                      f"output.dir={resumed_dir}", "resume=auto")
+                      f"output.dir={resumed_dir}", "resume=auto", f"data.stage={stage}")
     trainer = Trainer(cfg)
     assert trainer.step == 6
     second = trainer.fit()
