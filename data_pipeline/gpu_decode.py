@@ -134,7 +134,7 @@ def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device, non_blocking=True)
 
 
-_CHUNK_BYTES = 256 << 20  # float32 images resampled at once, at most (a larger group goes in chunks)
+_CHUNK_BYTES = 128 << 20  # float32 pixels resampled at once, at most (a larger group goes in chunks)
 
 
 def _resample_into(views: list[torch.Tensor], decoded: list[tuple[int, torch.Tensor]], boxes: torch.Tensor,
