@@ -266,6 +266,11 @@ class EngineConfig:
     compile: bool | str = _opt("auto", "torch.compile each transformer block; auto = on CUDA under ddp and "
                                "fsdp (+20-40 % images/s on an H200, docs/performance.md), off on CPUs "
                                "(slow to start) and under deepspeed", choices=(True, False, "auto"))
+    compile_scope: str = _opt("blocks", "what engine.compile compiles: blocks (each transformer block on its "
+                              "own: small graphs, quick to compile, every backend) or model (the student's "
+                              "whole forward, patch embedding to loss, as one graph, and other blocks one by "
+                              "one: fewer kernels and less Python per step, longer to compile; ddp only)",
+                              choices=("blocks", "model"))
     compile_mode: str = _opt("default", "torch.compile mode of the compiled blocks: default; "
                              "max-autotune-no-cudagraphs (Triton matmul templates with the bias and GELU fused "
                              "into them, tuned at the first step: slower to start); reduce-overhead (each "
@@ -519,6 +524,9 @@ def _validate_engine(cfg: Config) -> None:
         if full.upper() in ("SIGKILL", "SIGSTOP") or not hasattr(signal, full.upper()):
             raise ConfigError(f"engine.preempt_signals: {name!r} is not a signal a process can catch; "
                               "valid e.g. SIGUSR1, SIGUSR2, SIGTERM, SIGINT")
+    if e.compile_scope == "model" and e.backend != "ddp":
+        raise ConfigError(f"engine.compile_scope=model: the student's forward compiled whole runs under ddp; "
+                          f"engine.backend={e.backend} shards each block (use engine.compile_scope=blocks)")
     check_sharding_options(e)
 
 

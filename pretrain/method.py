@@ -85,6 +85,10 @@ def build_teacher(cfg, student: nn.Module) -> TeacherEncoder | None:
 
 
 class MIMMethod(nn.Module):
+    # what ``engine.compile_scope=model`` compiles as one graph: the student's forward (masking
+    # result in, loss out); teachers and heads are reached through other methods, block by block
+    compile_whole = ("student",)
+
     def __init__(self, cfg):
         super().__init__()
         self.student = build_model(cfg)

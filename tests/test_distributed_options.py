@@ -126,6 +126,32 @@ def test_compile_mode_reaches_every_block(tiny_config, monkeypatch):
         tiny_config("engine.compile_mode=fast")
 
 
+def test_compile_scope_model_compiles_the_student_whole_and_other_blocks_alone(tiny_config):
+    """``engine.compile_scope=model``: the student's forward is one compiled graph (its blocks are
+    not compiled again inside it); the EMA teacher's blocks are compiled one by one."""
+    cfg = tiny_config("engine.device=cpu", "engine.compile=true", "engine.compile_scope=model",
+                      "teacher.type=ema", "masking.strategy=idm", "masking.score_source=teacher")
+    method = Trainer(cfg).method
+    assert method.student._compiled_call_impl is not None
+    assert all(b._compiled_call_impl is None for b in transformer_blocks(method.student))
+    teacher_blocks = transformer_blocks(method.teacher)
+    assert teacher_blocks and all(b._compiled_call_impl is not None for b in teacher_blocks)
+    with pytest.raises(ConfigError, match="compile_scope=model.*use engine.compile_scope=blocks"):
+        tiny_config("engine.backend=fsdp", "engine.compile_scope=model")
+
+
+@pytest.mark.slow
+def test_the_student_compiled_whole_trains_as_eager(tiny_config):
+    """One step's loss and gradients with the student's forward compiled as one graph equal the
+    eager step's (fp32, CPU)."""
+    cfg = tiny_config("engine.compile_scope=model")
+    loss, grads = _gradients(cfg)
+    loss_c, grads_c = _gradients(cfg, compile=True, compile_scope="model")
+    assert loss_c == pytest.approx(loss, abs=1e-6) and grads_c.keys() == grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_c[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.fixture
 def sdpa_switches():
     """Restores torch's process-wide SDPA switches that ``use_attention_kernel`` sets."""

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The GPU checks of one device session, in order of value, each time-limited so that one failure
 # does not stop the rest. The whole run took about 7 minutes on one H200 before the packed-kernel
-# masking runs and the loader and compile rows were added; the limits now sum to about 33 minutes
-# (tests 2, mfu 2.5, compile 8, kernels 3, decode 6, loader 7, masking 4.5), so under a 10-minute
-# cap per command run it in parts, most wanted first: ONLY="tests decode", then ONLY="mfu compile",
-# then ONLY="masking loader", then ONLY="kernels":
+# masking runs and the loader and compile rows were added; the limits now sum to about 35 minutes
+# (tests 2, mfu 2.5, compile 9.3, kernels 3, decode 6, loader 7, masking 4.5), so under a 10-minute
+# cap per command run it in parts, most wanted first: ONLY="tests decode", then ONLY="compile",
+# then ONLY="mfu masking", then ONLY="loader kernels":
 #   1. the CUDA cases of the tests (no host sync under torch's sync debug mode; nvJPEG decode
 #      against the worker path; packed == per-image);
 #   2. `mimscale bench step` for MAE ViT-L/16 at 224 px in bf16 from memory with the defaults
 #      (engine.compile=auto: compiled on CUDA) at batch 128, 256 and 512, with a profile; then
-#      (compile) at batch 256 with engine.compile_mode max-autotune-no-cudagraphs and reduce-overhead;
+#      (compile) at batch 256 with the student compiled whole (engine.compile_scope=model) and with
+#      the compile modes max-autotune-no-cudagraphs and reduce-overhead (engine.compile_mode);
 #   3. the SDPA kernels (engine.attention) and compile on/off, ViT-B from memory;
 #   4. ViT-B from generated JPEG shards through the real loader, decoded in the workers
 #      (data.decode=cpu) and by nvJPEG (data.decode=gpu), each with the batch's host stage in the
@@ -91,12 +92,14 @@ want tests && run tests 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/tes
 # 2. ViT-L with the defaults (compiled on CUDA): the MFU figure, and what holds it back
 want mfu && bench vitl_memory "$((LIMIT + 75))" "${MODEL_L[@]}" --batch "$BATCH_L" --profile "$OUT/vitl_memory.profile.txt"
 
-# 2b. the compile modes (engine.compile_mode) on the same ViT-L step at batch 256: fused matmul
-#     epilogues (max-autotune-no-cudagraphs) and CUDA graphs per block (reduce-overhead)
+# 2b. how much of the step is compiled, and how (engine.compile_scope, engine.compile_mode), on the
+#     same ViT-L step at batch 256: the student's forward as one graph, also replayed as CUDA graphs;
+#     the blocks with fused matmul epilogues, and as CUDA graphs
 if want compile; then
-  for mode in max-autotune-no-cudagraphs reduce-overhead; do
-    bench "vitl_compile_$mode" "$((LIMIT * 3 + 15))" "${MODEL_L[@]}" engine.compile=true "engine.compile_mode=$mode" \
-      --batch "$BATCH_CM"
+  for setting in model:default model:reduce-overhead blocks:max-autotune-no-cudagraphs blocks:reduce-overhead; do
+    scope=${setting%%:*} mode=${setting#*:}
+    bench "vitl_compile_${scope}_$mode" "$((LIMIT * 2 - 10))" "${MODEL_L[@]}" engine.compile=true \
+      "engine.compile_scope=$scope" "engine.compile_mode=$mode" --batch "$BATCH_CM"
   done
 fi
 

@@ -123,7 +123,8 @@ class Backend:
     checkpoint_format = "full"  # see checkpoint.py: full | dcp | deepspeed
 
     def __init__(self, device: torch.device, env: DistEnv, precision: str = "bf16", *,
-                 activation_checkpointing: bool = False, compile: bool = False, compile_mode: str = "default"):
+                 activation_checkpointing: bool = False, compile: bool = False, compile_mode: str = "default",
+                 compile_scope: str = "blocks"):
         if precision not in ("bf16", "fp32"):
             raise ValueError(f"precision {precision!r} is not valid; valid: bf16, fp32")
         self.device = device
@@ -131,7 +132,7 @@ class Backend:
         self.precision = precision
         self.dtype = {"bf16": torch.bfloat16, "fp32": None}[precision]
         self.activation_checkpointing = activation_checkpointing
-        self.compile, self.compile_mode = compile, compile_mode
+        self.compile, self.compile_mode, self.compile_scope = compile, compile_mode, compile_scope
         self.model: nn.Module | None = None   # what the loop calls (a DDP / DeepSpeed wrapper or the module)
         self.module: nn.Module | None = None  # the method itself (parameters may be shards)
         self.optimizer: torch.optim.Optimizer | None = None
@@ -148,7 +149,8 @@ class Backend:
     def _prepare(self, model: nn.Module) -> list[nn.Module]:
         """Move to the device, then per-block activation checkpointing and compile."""
         self.module = model.to(self.device)
-        return prepare_blocks(model, self.activation_checkpointing, self.compile, self.compile_mode)
+        return prepare_blocks(model, self.activation_checkpointing, self.compile, self.compile_mode,
+                              self.compile_scope)
 
     def autocast(self):
         if self.dtype is None:
@@ -333,7 +335,8 @@ def build_backend(cfg_engine, env: DistEnv, cfg_optim=None, micro_batch: int | N
     use_attention_kernel(getattr(cfg_engine, "attention", "auto"), device)
     options = dict(activation_checkpointing=getattr(cfg_engine, "activation_checkpointing", False),
                    compile=resolve_compile(getattr(cfg_engine, "compile", False), device, cfg_engine.backend),
-                   compile_mode=getattr(cfg_engine, "compile_mode", "default"))
+                   compile_mode=getattr(cfg_engine, "compile_mode", "default"),
+                   compile_scope=getattr(cfg_engine, "compile_scope", "blocks"))
     if cfg_engine.backend == "ddp":
         return DDPBackend(device, env, cfg_engine.precision, **options)
     if cfg_engine.backend == "fsdp":

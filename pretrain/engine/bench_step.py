@@ -158,7 +158,7 @@ def measure(cfg, warmup: int, steps: int, data: str, profile: Path | None = None
     return {"recipe": cfg.recipe, "model": cfg.model.name, "img_size": trainer.img_size(trainer.data.epoch),
             "batch": cfg.data.batch_size, "accum_steps": cfg.optim.accum_steps, "precision": cfg.engine.precision,
             "compile": trainer.backend.compile,
-            "compile_mode": trainer.backend.compile_mode, "attention": cfg.engine.attention, "device": _device_name(device),
+            "compile_mode": trainer.backend.compile_mode, "compile_scope": trainer.backend.compile_scope, "attention": cfg.engine.attention, "device": _device_name(device),
             "data": data, "decode": getattr(trainer.data, "decode", "cpu"),
             "stage": "thread" if getattr(trainer.data, "stage_thread", False) else "main", "steps": steps,
             "step_ms": 1000 * elapsed / steps, "images_per_s": images_per_s, **rates,

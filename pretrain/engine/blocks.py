@@ -53,11 +53,25 @@ def compile_blocks(blocks: list[nn.Module], mode: str = "default") -> None:
         blk.compile(mode=None if mode == "default" else mode)
 
 
+def compile_whole(model: nn.Module, mode: str = "default") -> list[nn.Module]:
+    """``torch.compile`` the parts of ``model`` that it names in ``compile_whole`` (attribute names;
+    a method's student) as one graph each; returns them. Their blocks are then traced inside that
+    graph, so they must not be compiled on their own as well."""
+    parts = [getattr(model, name) for name in getattr(model, "compile_whole", ())]
+    for part in parts:
+        part.compile(mode=None if mode == "default" else mode)
+    return parts
+
+
 def prepare_blocks(model: nn.Module, activation_checkpointing: bool, compile: bool,
-                   compile_mode: str = "default") -> list[nn.Module]:
+                   compile_mode: str = "default", compile_scope: str = "blocks") -> list[nn.Module]:
+    """Activation checkpointing, then compile: each block (``compile_scope=blocks``), or the parts
+    the model names whole and every block outside them (``model``)."""
     blocks = transformer_blocks(model)
     if activation_checkpointing:
         checkpoint_activations(blocks)
     if compile:
-        compile_blocks(blocks, compile_mode)
+        whole = compile_whole(model, compile_mode) if compile_scope == "model" else []
+        inside = {id(b) for part in whole for b in transformer_blocks(part)}
+        compile_blocks([b for b in blocks if id(b) not in inside], compile_mode)
     return blocks
