@@ -137,6 +137,7 @@ class Backend:
         self.module: nn.Module | None = None  # the method itself (parameters may be shards)
         self.optimizer: torch.optim.Optimizer | None = None
         self._grad_bytes = 0
+        self._params: list[nn.Parameter] | None = None  # the module's parameters, listed once
         self._control = None  # a CPU (gloo) group for host-side flags; built on first use
 
     @staticmethod
@@ -185,10 +186,12 @@ class Backend:
         moments and step count) where ``found_inf`` is 1, the mechanism ``GradScaler`` uses, so
         nothing is read on the host. Another optimizer (the linear probe's LARS) has no such input:
         the norm is read on the host for it, one sync per step."""
-        params = [p for p in self.module.parameters() if p.grad is not None]
-        grads = [p.grad for p in params]
         if not self._grad_bytes:
             self._grad_bytes = gradient_bytes(self.module)
+        if self._params is None:  # at the first step the parameters are final (wrapped, sharded)
+            self._params = list(self.module.parameters())  # walking the module tree: ~1 ms a step
+        params = [p for p in self._params if p.grad is not None]
+        grads = [p.grad for p in params]
         norm = (torch.nn.utils.get_total_norm(grads, foreach=True) if grads
                 else torch.zeros((), device=self.device))
         if clip_grad is not None:  # a non-finite norm makes the gradients NaN: they are not applied
