@@ -15,7 +15,7 @@ decoded grid: its box is ``round(b * s) / s`` of this one per axis (``s`` = deco
 size), and equal to it with ``fast_decode=false``.
 
 Pixels: the antialiased bicubic filter (PIL's weights, as ``F.interpolate(..., antialias=True)``)
-applied as two batched matmuls per image size (``_resample_into``), in float32, then rounded and
+applied as two batched matmuls per chunk of images (``_resample_into``), in float32, then rounded and
 clamped to uint8 levels as the worker's uint8 kernel does. Against the CPU path at full size the views differ
 by at most 2 levels, 0.1-0.2 on average (the fixed-point kernel also rounds between its two passes);
 against its DCT-scaled decode by the difference between the two downscales (tests/test_gpu_decode.py
@@ -29,7 +29,6 @@ loader, which counts it as the worker's, and replaced by a good sample of the sa
 
 from __future__ import annotations
 
-import math
 import random
 import warnings
 from dataclasses import dataclass
@@ -134,7 +133,7 @@ def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device, non_blocking=True)
 
 
-_CHUNK_BYTES = 128 << 20  # float32 pixels resampled at once, at most (a larger group goes in chunks)
+_CHUNK_BYTES = 128 << 20  # float32 pixels resampled at once, at most (more images go in several chunks)
 
 
 def _resample_into(views: list[torch.Tensor], decoded: list[tuple[int, torch.Tensor]], boxes: torch.Tensor,
@@ -144,28 +143,51 @@ def _resample_into(views: list[torch.Tensor], decoded: list[tuple[int, torch.Ten
     yet rounded), flipped where drawn. ``boxes`` ``[B, V, 4]`` and ``flips`` ``[B, V]`` are the batch's.
 
     Why matrices: the filter is separable, so a view is ``Wy · image · Wxᵀ`` with one weight matrix
-    per axis that is zero outside the box (and mirrored for a flip). Images of one size then go
-    through two batched matmuls for all their views, a few dozen kernels for the whole batch, where
-    ``F.interpolate`` on each crop costs several kernel launches per image and view, host time
-    that grows with the batch. The arithmetic is more (every pixel of the image, not just the
-    filter's taps), which a GPU's matmul units absorb."""
-    groups: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
-    for r, img in decoded:
-        groups.setdefault(tuple(img.shape), []).append((r, img))
-    for shape, members in groups.items():
-        per_chunk = max(1, _CHUNK_BYTES // (4 * math.prod(shape)))
-        for at in range(0, len(members), per_chunk):
-            part = members[at:at + per_chunk]
-            rows = torch.tensor([r for r, _ in part], dtype=torch.long)
-            pixels = torch.stack([img for _, img in part]).float()  # [n, 3, H, W]
-            geometry = _to(torch.cat([boxes[rows].flatten(1), flips[rows].float()], 1), device)  # [n, 5V]
-            rows = _to(rows, device)
-            for j, out in enumerate(views):
-                box, flip = geometry[:, 4 * j:4 * j + 4], geometry[:, 4 * len(views) + j] > 0
-                wy = resize_weights(box[:, 1], box[:, 3], shape[1], out.shape[-2])  # [n, S, H]
-                wx = resize_weights(box[:, 0], box[:, 2], shape[2], out.shape[-1])  # [n, S, W]
-                wx = torch.where(flip[:, None, None], wx.flip(1), wx)
-                out.index_copy_(0, rows, wy[:, None] @ (pixels @ wx.transpose(1, 2)[:, None]))
+    per axis that is zero outside the box (and mirrored for a flip). A chunk of images then goes
+    through two batched matmuls for all their views, a few dozen kernels, where ``F.interpolate``
+    on each crop costs several kernel launches per image and view, host time that grows with the
+    batch. Images of other sizes share a chunk on a canvas of the largest (what lies outside an
+    image is outside its boxes: weight zero); sorted by size, so that similar sizes share one. The
+    arithmetic is more (every canvas pixel, not just the filter's taps), which a GPU's matmul
+    units absorb."""
+    for part in _chunks(sorted(decoded, key=lambda item: tuple(item[1].shape[1:]))):
+        rows = torch.tensor([r for r, _ in part], dtype=torch.long)
+        height, width = (max(img.shape[i] for _, img in part) for i in (1, 2))
+        pixels = _canvas([img for _, img in part], height, width).float()  # [n, 3, H, W]
+        geometry = _to(torch.cat([boxes[rows].flatten(1), flips[rows].float()], 1), device)  # [n, 5V]
+        rows = _to(rows, device)
+        for j, out in enumerate(views):
+            box, flip = geometry[:, 4 * j:4 * j + 4], geometry[:, 4 * len(views) + j] > 0
+            wy = resize_weights(box[:, 1], box[:, 3], height, out.shape[-2])  # [n, S, H]
+            wx = resize_weights(box[:, 0], box[:, 2], width, out.shape[-1])  # [n, S, W]
+            wx = torch.where(flip[:, None, None], wx.flip(1), wx)
+            out.index_copy_(0, rows, wy[:, None] @ (pixels @ wx.transpose(1, 2)[:, None]))
+
+
+def _chunks(items: list[tuple[int, torch.Tensor]]):
+    """Consecutive runs of ``items`` whose canvas (count x the largest height x the largest width)
+    holds at most ``_CHUNK_BYTES`` of float32 pixels (at least one image each)."""
+    part, height, width = [], 0, 0
+    for item in items:
+        h, w = max(height, item[1].shape[1]), max(width, item[1].shape[2])
+        if part and (len(part) + 1) * 3 * h * w * 4 > _CHUNK_BYTES:
+            yield part
+            part, h, w = [], item[1].shape[1], item[1].shape[2]
+        part.append(item)
+        height, width = h, w
+    if part:
+        yield part
+
+
+def _canvas(images: list[torch.Tensor], height: int, width: int) -> torch.Tensor:
+    """The uint8 images stacked ``[n, 3, height, width]``, each in the top-left corner (one kernel
+    when they all have that size, else one copy each)."""
+    if all(img.shape[1:] == (height, width) for img in images):
+        return torch.stack(images)
+    out = images[0].new_zeros((len(images), 3, height, width))
+    for dst, img in zip(out, images):
+        dst[:, :img.shape[1], :img.shape[2]] = img
+    return out
 
 
 def resize_weights(start: torch.Tensor, stop: torch.Tensor, in_size: int, out_size: int) -> torch.Tensor:

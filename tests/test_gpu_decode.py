@@ -171,10 +171,12 @@ def _interpolated_view(img, box, flip, size):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_batched_resampling_is_interpolate_on_each_crop(device):
-    """The views made by two batched matmuls per image size equal crop + ``F.interpolate`` +
-    flip of each image: random boxes of every kind (down- and upscaled, one pixel wide, the whole
-    image, at the edges), two views, images of three sizes, one group split into chunks."""
+@pytest.mark.parametrize("chunk", ["one canvas", "small chunks"])
+def test_batched_resampling_is_interpolate_on_each_crop(device, chunk):
+    """The views made by two batched matmuls per chunk equal crop + ``F.interpolate`` + flip of
+    each image: random boxes of every kind (down- and upscaled, one pixel wide, the whole image, at
+    the edges), two views, images of three sizes; all on one canvas of the largest size, or in
+    chunks of at most two 37 x 53 images (sizes apart, one size split in two)."""
     from mimscale.data_pipeline import gpu_decode
 
     gen = torch.Generator().manual_seed(0)
@@ -200,7 +202,8 @@ def test_batched_resampling_is_interpolate_on_each_crop(device):
     sizes = (16, 24)
     views = [torch.full((6, 3, s, s), float("nan"), device=device) for s in sizes]
     old = gpu_decode._CHUNK_BYTES
-    gpu_decode._CHUNK_BYTES = 2 * 4 * 3 * 37 * 53  # the 37 x 53 group of four in two chunks
+    if chunk == "small chunks":
+        gpu_decode._CHUNK_BYTES = 2 * 4 * 3 * 37 * 53
     try:
         gpu_decode._resample_into(views, list(zip(rows, images)), _by_row(boxes_t, rows), _by_row(flips, rows),
                                   torch.device(device))
@@ -210,6 +213,21 @@ def test_batched_resampling_is_interpolate_on_each_crop(device):
         for j, s in enumerate(sizes):
             want = _interpolated_view(img, boxes[k][j], bool(flips[k, j]), s)
             assert torch.allclose(views[j][r], want, atol=2e-3, rtol=0), (k, j, boxes[k][j])
+
+
+def test_chunks_keep_their_canvas_within_the_budget(monkeypatch):
+    """Sorted images go in consecutive chunks, each canvas (count x largest height x largest width)
+    within the budget; an image larger than the budget gets a chunk of its own."""
+    from mimscale.data_pipeline import gpu_decode
+
+    monkeypatch.setattr(gpu_decode, "_CHUNK_BYTES", 2 * 4 * 3 * 37 * 53)
+    shapes = [(9, 300), (37, 53), (37, 53), (37, 53), (37, 60), (64, 48), (400, 400)]
+    items = [(i, torch.empty(3, h, w, dtype=torch.uint8)) for i, (h, w) in enumerate(shapes)]
+    parts = list(gpu_decode._chunks(items))
+    assert [[r for r, _ in part] for part in parts] == [[0], [1, 2], [3], [4], [5], [6]]  # 37 x 60 widens past it
+    for part in parts[:-1]:
+        h, w = (max(img.shape[i] for _, img in part) for i in (1, 2))
+        assert len(part) * 3 * h * w * 4 <= gpu_decode._CHUNK_BYTES
 
 
 def _by_row(per_image: torch.Tensor, rows: list[int]) -> torch.Tensor:
