@@ -271,11 +271,11 @@ class EngineConfig:
                               "whole forward, patch embedding to loss, as one graph, and other blocks one by "
                               "one: fewer kernels and less Python per step, longer to compile; ddp only)",
                               choices=("blocks", "model"))
-    compile_mode: str = _opt("default", "torch.compile mode of the compiled blocks: default; "
+    compile_mode: str = _opt("default", "torch.compile's mode for what engine.compile compiles: default; "
                              "max-autotune-no-cudagraphs (Triton matmul templates with the bias and GELU fused "
                              "into them, tuned at the first step: slower to start); reduce-overhead (each "
-                             "block's forward and backward replayed as CUDA graphs: less host time per "
-                             "kernel); max-autotune (both)",
+                             "compiled graph's forward and backward replayed as CUDA graphs: less host time "
+                             "per kernel); max-autotune (both)",
                              choices=("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"))
     attention: str = _opt("auto", "scaled-dot-product attention kernel: auto = torch's choice, or "
                           "only the named one (CUDA: flash, cudnn, efficient; math anywhere)",

@@ -101,8 +101,8 @@ def _profile(trainer, batches, device: torch.device, out: Path, steps: int = 5) 
         start = min(e.time_range.start for e in events)
         end = max(e.time_range.end for e in events)
         busy = busy_share(kernels, start, end)
-        head += (f"device busy (a kernel or copy running) {busy:.1%} of the profiled {(end - start) / 1e3 / steps:.1f} ms "
-                 "per step\n")
+        per_step_ms = (end - start) / 1e3 / steps
+        head += f"device busy (a kernel or copy running) {busy:.1%} of the profiled {per_step_ms:.1f} ms per step\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(head + prof.key_averages().table(sort_by=key, row_limit=30) + "\n")
     return busy
@@ -157,9 +157,9 @@ def measure(cfg, warmup: int, steps: int, data: str, profile: Path | None = None
     rates = trainer.throughput.of(images_per_s)
     return {"recipe": cfg.recipe, "model": cfg.model.name, "img_size": trainer.img_size(trainer.data.epoch),
             "batch": cfg.data.batch_size, "accum_steps": cfg.optim.accum_steps, "precision": cfg.engine.precision,
-            "compile": trainer.backend.compile,
-            "compile_mode": trainer.backend.compile_mode, "compile_scope": trainer.backend.compile_scope, "attention": cfg.engine.attention, "device": _device_name(device),
-            "data": data, "decode": getattr(trainer.data, "decode", "cpu"),
+            "compile": trainer.backend.compile, "compile_mode": trainer.backend.compile_mode,
+            "compile_scope": trainer.backend.compile_scope, "attention": cfg.engine.attention,
+            "device": _device_name(device), "data": data, "decode": getattr(trainer.data, "decode", "cpu"),
             "stage": "thread" if getattr(trainer.data, "stage_thread", False) else "main", "steps": steps,
             "step_ms": 1000 * elapsed / steps, "images_per_s": images_per_s, **rates,
             "peak_tflops": trainer.throughput.peak, "gflops_per_image": trainer.throughput.flops.per_image / 1e9,
