@@ -172,7 +172,7 @@ def _interpolated_view(img, box, flip, size):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("chunk", ["one canvas", "small chunks"])
-def test_batched_resampling_is_interpolate_on_each_crop(device, chunk):
+def test_batched_resampling_is_interpolate_on_each_crop(device, chunk, monkeypatch):
     """The views made by two batched matmuls per chunk equal crop + ``F.interpolate`` + flip of
     each image: random boxes of every kind (down- and upscaled, one pixel wide, the whole image, at
     the edges), two views, images of three sizes; all on one canvas of the largest size, or in
@@ -201,14 +201,10 @@ def test_batched_resampling_is_interpolate_on_each_crop(device, chunk):
     rows = [5, 0, 3, 1, 4, 2]  # batch rows of the images, in another order
     sizes = (16, 24)
     views = [torch.full((6, 3, s, s), float("nan"), device=device) for s in sizes]
-    old = gpu_decode._CHUNK_BYTES
     if chunk == "small chunks":
-        gpu_decode._CHUNK_BYTES = 2 * 4 * 3 * 37 * 53
-    try:
-        gpu_decode._resample_into(views, list(zip(rows, images)), _by_row(boxes_t, rows), _by_row(flips, rows),
-                                  torch.device(device))
-    finally:
-        gpu_decode._CHUNK_BYTES = old
+        monkeypatch.setattr(gpu_decode, "_CHUNK_BYTES", 2 * 4 * 3 * 37 * 53)
+    gpu_decode._resample_into(views, list(zip(rows, images)), _by_row(boxes_t, rows), _by_row(flips, rows),
+                              torch.device(device))
     for k, (img, r) in enumerate(zip(images, rows)):
         for j, s in enumerate(sizes):
             want = _interpolated_view(img, boxes[k][j], bool(flips[k, j]), s)
