@@ -58,19 +58,20 @@ def test_closing_early_stops_the_thread_and_closes_the_items():
     assert closed == [True] and not _threads()
 
 
-def test_the_thread_works_beside_the_consumer():
-    """The thread prepares the next item while the consumer works on this one: with both taking
-    0.1 s a step, 5 steps take ~0.6 s, not ~1 s (sleep releases the GIL, as torch's kernels do)."""
+def test_the_thread_prepares_the_next_item_while_the_consumer_holds_this_one():
+    """While the consumer still works on item 0 (it has not asked for item 1), the thread is
+    already preparing item 1: its start is seen from the consumer's side."""
+    started = [threading.Event() for _ in range(3)]
+
     def prepare(i):
-        time.sleep(0.1)
+        started[i].set()
         return i
 
-    start = time.perf_counter()
-    out = StagedBatches(iter(range(5)), prepare, "cpu")
-    for _ in out:
-        time.sleep(0.1)
+    out = StagedBatches(iter(range(3)), prepare, "cpu")
+    assert next(out) == 0
+    assert started[1].wait(timeout=30)  # set by the thread, before the consumer asks for item 1
+    assert [next(out), next(out)] == [1, 2]
     out.close()
-    assert time.perf_counter() - start < 0.9
 
 
 @pytest.mark.parametrize("device", DEVICES)
