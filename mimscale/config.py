@@ -524,6 +524,9 @@ def _validate_engine(cfg: Config) -> None:
         if full.upper() in ("SIGKILL", "SIGSTOP") or not hasattr(signal, full.upper()):
             raise ConfigError(f"engine.preempt_signals: {name!r} is not a signal a process can catch; "
                               "valid e.g. SIGUSR1, SIGUSR2, SIGTERM, SIGINT")
+    if e.compile is False and (e.compile_scope != "blocks" or e.compile_mode != "default"):
+        raise ConfigError("engine.compile=false compiles nothing, so engine.compile_scope and engine.compile_mode "
+                          "have no effect: set engine.compile=true (or auto: on CUDA) or drop them")
     if e.compile_scope == "model" and e.backend != "ddp":
         raise ConfigError(f"engine.compile_scope=model: the student's forward compiled whole runs under ddp; "
                           f"engine.backend={e.backend} shards each block (use engine.compile_scope=blocks)")

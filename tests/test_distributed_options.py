@@ -138,6 +138,8 @@ def test_compile_scope_model_compiles_the_student_whole_and_other_blocks_alone(t
     assert teacher_blocks and all(b._compiled_call_impl is not None for b in teacher_blocks)
     with pytest.raises(ConfigError, match="compile_scope=model.*use engine.compile_scope=blocks"):
         tiny_config("engine.backend=fsdp", "engine.compile_scope=model")
+    with pytest.raises(ConfigError, match="engine.compile=false compiles nothing"):
+        tiny_config("engine.compile=false", "engine.compile_mode=reduce-overhead")
 
 
 @pytest.mark.slow
