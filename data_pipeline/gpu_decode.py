@@ -38,7 +38,7 @@ import torch
 
 from mimscale.errors import DataError
 
-from .views import _device_constants, jpeg_size, plan_views
+from .views import _device_constants, host_to, jpeg_size, plan_views
 
 _EOI = b"\xff\xd9"
 
@@ -117,20 +117,13 @@ def decode_batch(batch: dict, specs, device: torch.device) -> tuple[list[torch.T
                    batch["boxes"], batch["flips"], device)
     for j, out in enumerate(views):
         if worker_rows is not None:
-            out.index_copy_(0, _to(worker_rows, device), _to(worker_views[j], device).float())
+            out.index_copy_(0, host_to(worker_rows, device), host_to(worker_views[j], device).float())
         out.clamp_(0, 255).round_().mul_(scale).add_(shift)
     failed = [r for r, img in zip(rows, images) if img is None]
     reasons = list(zip(failed, bad))
     if failed:
         _stand_in(batch, views, failed)
     return views, reasons
-
-
-def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device``; to a GPU through pinned memory, without blocking the host."""
-    if device.type == "cuda":
-        x = x.pin_memory()
-    return x.to(device, non_blocking=True)
 
 
 _CHUNK_BYTES = 128 << 20  # float32 pixels resampled at once, at most (more images go in several chunks)
@@ -154,8 +147,8 @@ def _resample_into(views: list[torch.Tensor], decoded: list[tuple[int, torch.Ten
         rows = torch.tensor([r for r, _ in part], dtype=torch.long)
         height, width = (max(img.shape[i] for _, img in part) for i in (1, 2))
         pixels = _canvas([img for _, img in part], height, width).float()  # [n, 3, H, W]
-        geometry = _to(torch.cat([boxes[rows].flatten(1), flips[rows].float()], 1), device)  # [n, 5V]
-        rows = _to(rows, device)
+        geometry = host_to(torch.cat([boxes[rows].flatten(1), flips[rows].float()], 1), device)  # [n, 5V]
+        rows = host_to(rows, device)
         for j, out in enumerate(views):
             box, flip = geometry[:, 4 * j:4 * j + 4], geometry[:, 4 * len(views) + j] > 0
             wy = resize_weights(box[:, 1], box[:, 3], height, out.shape[-2])  # [n, S, H]

@@ -291,15 +291,20 @@ _SCALE = (1 / (np.array(IMAGENET_STD, np.float32) * 255)).reshape(3, 1, 1)
 _SHIFT = (-np.array(IMAGENET_MEAN, np.float32) / np.array(IMAGENET_STD, np.float32)).reshape(3, 1, 1)
 
 
+def host_to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``; to a GPU through pinned memory, without blocking the host (a copy
+    from pageable memory would be a host sync)."""
+    if device.type == "cuda":
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
+
+
 def normalize_uint8_on(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 ``[B, 3, H, W]`` -> ImageNet-normalised float32 on ``device``. For a GPU the uint8 batch
     is pinned and copied without blocking, then normalised there (a quarter of the bytes cross the
     bus and the host does no arithmetic)."""
     scale, shift = _device_constants(device)
-    if device.type == "cuda":
-        x = x.pin_memory()
-    x = x.to(device, non_blocking=True)
-    return x.float().mul_(scale).add_(shift)  # the host's operations in its order: the same floats
+    return host_to(x, device).float().mul_(scale).add_(shift)  # the host's operations in its order: the same floats
 
 
 _CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -309,11 +314,9 @@ def _device_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]
     """The normaliser's scale and shift on ``device``. On CUDA one copy per stream: the copy is
     asynchronous (no host sync, even the first time), so only work queued behind it on the same
     stream may read it (the staging thread, ``stage.py``, has a stream of its own)."""
-    pinned = device.type == "cuda"
-    key = (device, torch.cuda.current_stream(device).cuda_stream) if pinned else (device,)
+    key = (device, torch.cuda.current_stream(device).cuda_stream) if device.type == "cuda" else (device,)
     if key not in _CONSTANTS:
-        _CONSTANTS[key] = tuple((torch.from_numpy(c).pin_memory() if pinned else torch.from_numpy(c))
-                                .to(device, non_blocking=pinned) for c in (_SCALE, _SHIFT))
+        _CONSTANTS[key] = tuple(host_to(torch.from_numpy(c), device) for c in (_SCALE, _SHIFT))
     return _CONSTANTS[key]
 
 
