@@ -160,6 +160,10 @@ TWO_RUNS = textwrap.dedent("""
     Trainer(load_config(overrides + [f"output.dir={reference}"])).fit()
     summary = Trainer(load_config(overrides + [f"output.dir={signalled}"])).fit()
     print(f"RESULT preempted={summary.preempted} steps={summary.steps}", flush=True)
+    # as `mimscale pretrain` ends: every rank leaves the group together (a rank exiting with a live
+    # gloo group while the other still uses it can abort in gloo's threads)
+    from mimscale.pretrain.engine.backend import leave_process_group
+    leave_process_group(together=True)
 """)
 
 
