@@ -18,7 +18,8 @@
 #      ways, the pin thread, 4 batches per worker ahead, and a low-resolution phase's size;
 #   5. `bench masking` at ViT-L: every strategy, the score-cache and packed rows (packed also with
 #      the masked and flex kernels).
-# Writes one JSON and one log per run under $OUT (default ./gpu_bench_out). Assumes `python -m
+# Writes one JSON and one log per run under $OUT (default ./gpu_bench_out), and at the end every
+# `bench step` row there as one markdown table (summary.md, also printed). Assumes `python -m
 # mimscale` works (mimscale and its dependencies installed).
 #
 #   OUT=/path/to/results bash tools/gpu_bench.sh
@@ -149,5 +150,26 @@ for kernel in "${VARLENS[@]}"; do
   want masking && run "masking_$kernel" 60 "$PYTHON" -m mimscale bench masking "${MASK_ARGS[@]}" \
     --rows sbam_amr,cmae_2shot --varlen "$kernel" --json "$OUT/masking_$kernel.json"
 done
+
+# every `bench step` row above in one table (summary.md): the figures a note or docs/performance.md needs
+"$PYTHON" - "$OUT" <<'EOF' | tee "$OUT/summary.md"
+import json, pathlib, sys
+pct = lambda v: "-" if v is None else f"{v:.1%}"
+print("| run | model | batch | compile | data | images/s | step ms | MFU | data wait | device busy | peak GB |")
+print("| --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
+    rows = json.loads(path.read_text())
+    for r in rows if isinstance(rows, list) else []:
+        if not (isinstance(r, dict) and "data_wait_share" in r):  # not a `bench step` row
+            continue
+        if "error" in r:
+            print(f"| {path.stem} | {r['model']} | {r['batch']} | | | {r['error']} | | | | | |")
+            continue
+        compiled = f"{r['compile_scope']}, {r['compile_mode']}" if r["compile"] else "off"
+        data = r["data"] if r["data"] == "memory" else f"{r['decode']} decode, stage {r['stage']}"
+        print(f"| {path.stem} | {r['model']} | {r['batch']} | {compiled} | {data} | {r['images_per_s']:,.0f} | "
+              f"{r['step_ms']:.1f} | {pct(r['mfu'])} | {pct(r['data_wait_share'])} | {pct(r['device_busy_share'])} | "
+              f"{r['peak_mem_gb']:.1f} |")
+EOF
 
 echo "results in $OUT:"; ls -l "$OUT"
