@@ -275,7 +275,7 @@ class EngineConfig:
                              "max-autotune-no-cudagraphs (Triton matmul templates with the bias and GELU fused "
                              "into them, tuned at the first step: slower to start); reduce-overhead (each "
                              "compiled graph's forward and backward replayed as CUDA graphs: less host time "
-                             "per kernel); max-autotune (both)",
+                             "per kernel; not with optim.accum_steps > 1); max-autotune (both)",
                              choices=("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"))
     attention: str = _opt("auto", "scaled-dot-product attention kernel: auto = torch's choice, or "
                           "only the named one (CUDA: flash, cudnn, efficient; math anywhere)",
@@ -527,6 +527,13 @@ def _validate_engine(cfg: Config) -> None:
     if e.compile is False and (e.compile_scope != "blocks" or e.compile_mode != "default"):
         raise ConfigError("engine.compile=false compiles nothing, so engine.compile_scope and engine.compile_mode "
                           "have no effect: set engine.compile=true (or auto: on CUDA) or drop them")
+    if e.compile_mode in ("reduce-overhead", "max-autotune") and cfg.optim.accum_steps > 1:
+        raise ConfigError(f"engine.compile_mode={e.compile_mode} replays CUDA graphs, and torch frees a replay's "
+                          "outputs when the next compiled forward begins with no backward pending: with "
+                          f"optim.accum_steps={cfg.optim.accum_steps} that is the next micro-step, while the "
+                          "accumulation still holds the previous one's (the gradients of its replayed backward; "
+                          "with compile_scope=model its loss terms too). Use "
+                          "optim.accum_steps=1, or engine.compile_mode=default or max-autotune-no-cudagraphs")
     if e.compile_scope == "model" and e.backend != "ddp":
         raise ConfigError(f"engine.compile_scope=model: the student's forward compiled whole runs under ddp; "
                           f"engine.backend={e.backend} shards each block (use engine.compile_scope=blocks)")

@@ -142,6 +142,18 @@ def test_compile_scope_model_compiles_the_student_whole_and_other_blocks_alone(t
         tiny_config("engine.compile=false", "engine.compile_mode=reduce-overhead")
 
 
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_cuda_graph_modes_refuse_gradient_accumulation(tiny_config, mode):
+    """A CUDA-graph replay's outputs are freed at the next micro-step's forward, while an accumulation
+    still holds them: refused, naming the ways out; the modes without graphs accumulate as before."""
+    with pytest.raises(ConfigError, match=f"compile_mode={mode} replays CUDA graphs.*optim.accum_steps=2.*"
+                                          "Use optim.accum_steps=1, or engine.compile_mode=default"):
+        tiny_config("engine.compile=true", f"engine.compile_mode={mode}", "optim.accum_steps=2")
+    assert tiny_config("engine.compile=true", f"engine.compile_mode={mode}").engine.compile_mode == mode
+    for other in ("default", "max-autotune-no-cudagraphs"):
+        assert tiny_config("engine.compile=true", f"engine.compile_mode={other}", "optim.accum_steps=2").optim.accum_steps == 2
+
+
 @pytest.mark.slow
 def test_the_student_compiled_whole_trains_as_eager(tiny_config):
     """One step's loss and gradients with the student's forward compiled as one graph equal the
