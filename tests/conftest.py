@@ -1,11 +1,16 @@
 """Shared fixtures: a tiny, CPU-sized pretraining config on generated images."""
 
+import os
+
 import pytest
 import torch
 
 from mimscale.config import load_config
 
 torch.set_num_threads(2)
+# every process a test starts (spawned ranks, torchrun, the CLI) prints its Python threads' stacks
+# if it dies of a signal (SIGABRT, SIGSEGV): pytest's own faulthandler covers only this process
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
 
 @pytest.fixture

@@ -6,8 +6,10 @@ variables torchrun sets), so the code under test takes the path a cluster job ta
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
+import sys
 import time
 
 import pytest
@@ -45,6 +47,7 @@ def tiny_overrides(out_dir, data_dir) -> list[str]:
 
 
 def _entry(rank, fn, world, port, args):
+    faulthandler.enable(all_threads=True)  # a rank killed by a signal shows where (its stderr)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)  # two ranks on two cores
@@ -55,6 +58,13 @@ def _entry(rank, fn, world, port, args):
     # rank 0 has left can abort in a C++ thread ("terminate called without an active exception"),
     # failing a job whose work was done.
     leave_process_group(together=True)
+    # Then skip the interpreter's teardown. A rank once aborted with that same message in a full
+    # suite run, after every result was written (never in 100 runs of a similar job alone): if it
+    # was torch's exit, this avoids it; if it was the leaving itself, faulthandler shows where next
+    # time. What the tests check is in the results, not in how torch exits.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(fn, world: int, *args, timeout: float = 240.0) -> None:
