@@ -62,8 +62,9 @@ def _entry(rank, fn, world, port, args):
     # suite run, after every result was written (never in 100 runs of a similar job alone): if it
     # was torch's exit, this avoids it; if it was the leaving itself, faulthandler shows where next
     # time. What the tests check is in the results, not in how torch exits.
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):  # a job may have pointed them at a file it closed
+        if not stream.closed:
+            stream.flush()
     os._exit(0)
 
 
