@@ -6,7 +6,6 @@ variables torchrun sets), so the code under test takes the path a cluster job ta
 
 from __future__ import annotations
 
-import faulthandler
 import os
 import socket
 import sys
@@ -47,7 +46,6 @@ def tiny_overrides(out_dir, data_dir) -> list[str]:
 
 
 def _entry(rank, fn, world, port, args):
-    faulthandler.enable(all_threads=True)  # a rank killed by a signal shows where (its stderr)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)  # two ranks on two cores
@@ -60,8 +58,9 @@ def _entry(rank, fn, world, port, args):
     leave_process_group(together=True)
     # Then skip the interpreter's teardown. A rank once aborted with that same message in a full
     # suite run, after every result was written (never in 100 runs of a similar job alone): if it
-    # was torch's exit, this avoids it; if it was the leaving itself, faulthandler shows where next
-    # time. What the tests check is in the results, not in how torch exits.
+    # was torch's exit, this avoids it; if it was the leaving itself, the stacks printed under
+    # PYTHONFAULTHANDLER (set in conftest) will show where next time. What the tests check is in
+    # the results, not in how torch exits.
     for stream in (sys.stdout, sys.stderr):  # a job may have pointed them at a file it closed
         if not stream.closed:
             stream.flush()
